@@ -1,0 +1,27 @@
+# awd-ablation: `make ablation` runs the default study, `make test` the test suite. Both install first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STUDY ?= studies/ablation.toml
+# Corpora: $AWD_DATA_DIR if set; else the team checkout's ../shared/data when it holds PTB; else ./data,
+# where a missing corpus is downloaded on first use.
+AWD_DATA_DIR ?= $(if $(wildcard ../shared/data/ptb/ptb.train.txt),$(abspath ../shared/data),$(abspath data))
+export AWD_DATA_DIR
+
+.PHONY: install test ablation bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --no-build-isolation -c constraints.txt -e '.[test]'
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -m "not gpu" -q tests
+
+bench: install
+	$(BIN)/python -m harness bench
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

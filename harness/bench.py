@@ -1,0 +1,172 @@
+"""Training throughput of AWD-LSTM against a plain stack of nn.LSTM layers, as ratios.
+
+    python -m harness bench [--sizes paper,cpu] [--rounds 5] [--steps 3]
+
+Each round times every arm back to back in one process (forward + backward + clip + SGD step on
+(bptt, batch) token segments), so a slower machine or a busy core moves both sides alike; the ratio is
+the median over rounds of arm / plain. Peak memory comes from the CUDA allocator on a GPU and, on a CPU,
+from the peak resident size of a fresh process that trains only that arm.
+"""
+
+import concurrent.futures
+import multiprocessing
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.config import DropoutConfig, ModelConfig
+from harness.dropout import HIDDEN_MODES
+from harness.model import AWDLSTM, detach_state
+
+# The paper's PTB model and the CPU-sized one of studies/cpu-ptb.toml.
+SIZES = {"paper": ModelConfig(400, 1150, 3), "cpu": ModelConfig(200, 400, 3)}
+PAPER_RATES = dict(embedding=0.1, input=0.4, hidden=0.25, output=0.4, weight=0.5)
+ARMS = ("plain", *HIDDEN_MODES)
+VOCAB, BATCH, BPTT = 10_000, 20, 70
+
+
+class PlainLSTM(nn.Module):
+    """Embedding, nn.LSTM layers of AWD-LSTM's sizes, tied decoder; no dropout at all."""
+
+    def __init__(self, vocab_size: int, model: ModelConfig):
+        super().__init__()
+        sizes = [model.emb_size] + [model.hidden_size] * (model.n_layers - 1) + [model.emb_size]
+        self.encoder = nn.Embedding(vocab_size, model.emb_size)
+        self.layers = nn.ModuleList(nn.LSTM(sizes[i], sizes[i + 1]) for i in range(model.n_layers))
+        self.decoder = nn.Linear(model.emb_size, vocab_size)
+        self.decoder.weight = self.encoder.weight
+
+    def init_state(self, batch_size: int):
+        w = self.encoder.weight
+        return [(w.new_zeros(1, batch_size, m.hidden_size), w.new_zeros(1, batch_size, m.hidden_size))
+                for m in self.layers]
+
+    def forward(self, tokens, state):
+        x, new_state = self.encoder(tokens), []
+        for layer, layer_state in zip(self.layers, state):
+            x, s = layer(x, layer_state)
+            new_state.append(s)
+        return self.decoder(x), new_state, x, x
+
+
+def build_arm(arm: str, size: str, device: str) -> nn.Module:
+    """The plain stack, or AWD-LSTM with every technique on in one hidden mode."""
+    if arm == "plain":
+        return PlainLSTM(VOCAB, SIZES[size]).to(device)
+    return AWDLSTM(VOCAB, SIZES[size], DropoutConfig(**PAPER_RATES, hidden_mode=arm)).to(device)
+
+
+class _Trainer:
+    """One arm's model, optimizer, data and carried state, ready to take timed steps."""
+
+    def __init__(self, arm: str, size: str, device: str):
+        torch.manual_seed(0)
+        self.model = build_arm(arm, size, device).train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1.0)
+        self.data = torch.randint(VOCAB, (BPTT + 1, BATCH), device=device)  # (T + 1, B)
+        self.state = self.model.init_state(BATCH)
+
+    def step(self):
+        self.state = detach_state(self.state)
+        logits, self.state, _, _ = self.model(self.data[:-1], self.state)
+        loss = F.cross_entropy(logits.flatten(0, 1), self.data[1:].flatten())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 0.25)
+        self.opt.step()
+
+
+def _sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peak_rss_mb(arm: str, size: str, steps: int) -> float:
+    """Runs in a fresh process: peak resident size growth (MB) while training one arm."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    trainer = _Trainer(arm, size, "cpu")
+    for _ in range(steps):
+        trainer.step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # KB on Linux
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One arm at one size."""
+
+    size: str
+    arm: str
+    tokens_per_s: float
+    ratio: float  # median over rounds of this arm's tokens/s over the plain stack's
+    peak_memory_mb: float
+
+
+def run_bench(sizes=("paper", "cpu"), rounds: int = 5, steps: int = 3, device: str = "cpu",
+              arms=ARMS, log=print) -> list[BenchRow]:
+    """Measure every arm at every size; the arms alternate within each round."""
+    rows = []
+    for size in sizes:
+        trainers = {arm: _Trainer(arm, size, device) for arm in arms}
+        for trainer in trainers.values():  # warm-up: allocator, kernels, thread pools
+            trainer.step()
+        _sync(device)
+        speeds = {arm: [] for arm in arms}
+        for r in range(rounds):
+            order = arms[r % len(arms):] + arms[: r % len(arms)]  # rotate so no arm always runs first
+            for arm in order:
+                started = time.perf_counter()
+                for _ in range(steps):
+                    trainers[arm].step()
+                _sync(device)
+                speeds[arm].append(steps * BPTT * BATCH / (time.perf_counter() - started))
+            log(f"  {size}: round {r + 1}/{rounds} " + "  ".join(f"{a} {speeds[a][-1]:,.0f}" for a in arms))
+        del trainers
+        memory = _peak_memory(arms, size, device)
+        for arm in arms:
+            ratios = [s / p for s, p in zip(speeds[arm], speeds["plain"])]
+            rows.append(BenchRow(size, arm, statistics.median(speeds[arm]), statistics.median(ratios), memory[arm]))
+    return rows
+
+
+def _peak_memory(arms, size: str, device: str) -> dict:
+    if device.startswith("cuda"):
+        peaks = {}
+        for arm in arms:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            trainer = _Trainer(arm, size, device)
+            for _ in range(2):
+                trainer.step()
+            _sync(device)
+            peaks[arm] = torch.cuda.max_memory_allocated() / 2**20
+            del trainer
+        return peaks
+    spawn = multiprocessing.get_context("spawn")
+    peaks = {}
+    for arm in arms:  # one fresh process per arm: the peak resident size only ever grows
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            peaks[arm] = pool.submit(_peak_rss_mb, arm, size, 2).result()
+    return peaks
+
+
+def format_table(rows: list[BenchRow], device: str) -> str:
+    """Markdown table of the measurements."""
+    lines = [
+        f"training throughput, {device}, {torch.get_num_threads()} threads, batch {BATCH}, bptt {BPTT}, "
+        f"vocab {VOCAB}; AWD arms have every technique on ({', '.join(f'{k} {v}' for k, v in PAPER_RATES.items())})",
+        "",
+        "| size | arm | tokens/s | vs plain | peak memory (MB) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        m = SIZES[row.size]
+        lines.append(
+            f"| {row.size} ({m.emb_size}/{m.hidden_size}/{m.n_layers}) | {row.arm} | {row.tokens_per_s:,.0f} "
+            f"| {row.ratio:.3f}x | {row.peak_memory_mb:,.0f} |"
+        )
+    return "\n".join(lines)

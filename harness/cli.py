@@ -1,0 +1,139 @@
+"""Command line: `python -m harness COMMAND ...` (train, bench, data fetch).
+
+User mistakes surface as one line on stderr and a non-zero exit code, never a traceback.
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from harness.errors import UserError
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
+    return name
+
+
+def cmd_train(args) -> int:
+    """One run of one variant of a study, with a progress bar and a summary."""
+    from harness.config import load_study, parse_overrides
+    from harness.data import load_corpus
+    from harness.train import train_model
+
+    study = load_study(args.study)
+    config = study.run_config(args.variant, parse_overrides(args.set))
+    device = _device(args.device)
+    corpus = load_corpus(config.corpus)
+    out = Path(args.out) if args.out else Path("runs") / study.name / f"{config.variant}-seed{config.train.seed}"
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    d, m, t = config.dropout, config.model, config.train
+    print(f"{study.name} / {config.variant}: {m.n_layers}-layer LSTM emb {m.emb_size} hidden {m.hidden_size}, "
+          f"vocab {corpus.vocab_size}, {device}")
+    print(f"  dropout ({d.hidden_mode}): " + ", ".join(f"{s} {getattr(d, s):g}" for s in
+                                                       ("embedding", "input", "hidden", "output", "weight")))
+    print(f"  {t.epochs} epochs, batch {t.batch_size}, bptt {t.bptt}, lr {t.lr:g}, {t.optimizer}; checkpoints in {out}")
+    if (out / "last.pt").exists():
+        print(f"  resuming from {out / 'last.pt'}")
+
+    def report(e):
+        tag = "  (averaged)" if e.averaging else ""
+        print(f"epoch {e.epoch:>3}/{t.epochs}  train ppl {e.train_ppl:8.2f}  val ppl {e.val_ppl:8.2f}  "
+              f"lr {e.lr:g}  {e.epoch_seconds:6.1f} s  {e.tokens_per_s:8,.0f} tok/s{tag}", flush=True)
+
+    result = train_model(config, corpus, device=device, checkpoint_dir=out, on_epoch=report,
+                         progress=not args.no_progress)
+    averaged = f", averaging from epoch {result.averaged_from_epoch}" if result.averaged_from_epoch else ""
+    print(f"best val ppl {result.best_val_ppl:.2f} (epoch {result.best_epoch}{averaged}); "
+          f"test ppl {result.test_ppl:.2f}; {result.seconds:.0f} s; best checkpoint {result.checkpoint}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Throughput ratios of AWD-LSTM against a plain nn.LSTM stack."""
+    import torch
+
+    from harness.bench import ARMS, format_table, run_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    arms = tuple(a.strip() for a in args.arms.split(",")) if args.arms else ARMS
+    for name in [*sizes, *arms]:
+        if name not in ("paper", "cpu", *ARMS):
+            raise UserError(f"bench: unknown size or arm {name!r}; sizes: paper, cpu; arms: {', '.join(ARMS)}")
+    if "plain" not in arms:
+        arms = ("plain", *arms)
+    rows = run_bench(sizes, rounds=args.rounds, steps=args.steps, device=device, arms=arms)
+    print(format_table(rows, device))
+    return 0
+
+
+def cmd_data_fetch(args) -> int:
+    """Download a known corpus and verify its checksums."""
+    from harness.data import fetch_corpus
+
+    folder = fetch_corpus(args.name, Path(args.data_dir) if args.data_dir else None, base_url=args.url)
+    print(f"{args.name} is ready in {folder}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one variant of a study")
+    p.add_argument("study", help="study file (TOML), e.g. studies/cpu-ptb.toml")
+    p.add_argument("--variant", required=True, help="ablation arm, e.g. awd")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. train.epochs=1 (repeatable)")
+    p.add_argument("--out", help="checkpoint folder (default runs/STUDY/VARIANT-seedN)")
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming from --out")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="training throughput vs a plain nn.LSTM stack")
+    p.add_argument("--sizes", default="paper,cpu", help="comma list of paper, cpu")
+    p.add_argument("--arms", default="", help="comma list of arms (default: plain and every hidden mode)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3, help="training steps per arm per round")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("data", help="corpora")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    f = data_sub.add_parser("fetch", help="download a known corpus (ptb, wikitext-2) and verify MD5s")
+    f.add_argument("name")
+    f.add_argument("--data-dir", help="default $AWD_DATA_DIR or ./data")
+    f.add_argument("--url", help="mirror folder that holds the archive")
+    f.set_defaults(func=cmd_data_fetch)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as err:
+        from harness.train import TrainingDiverged
+
+        if isinstance(err, TrainingDiverged):
+            print(f"stopped: {err}", file=sys.stderr)
+            return 1
+        raise

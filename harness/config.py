@@ -1,0 +1,454 @@
+"""Study files and the frozen configs every run is built from.
+
+A study file (TOML) is the complete record of one experiment: `[study]`, `[fixed.model|dropout|train]`,
+`[variants.NAME]`, `[search]` and `[budget]`. `load_study` validates it before anything runs and
+`StudyConfig.run_config` resolves one variant into a `RunConfig`. Every error names the file, the key
+path and the bad value.
+"""
+
+import dataclasses
+import difflib
+import hashlib
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.dropout import HIDDEN_MODES
+from harness.errors import UserError
+
+# One spelled-out name per dropout site, used in study files, configs, MLflow params and reports.
+SITES = ("embedding", "input", "hidden", "output", "weight")
+METRICS = ("val_ppl",)
+SAMPLERS = ("tpe", "qmc")
+PRUNERS = ("median", "hyperband", "none")
+OPTIMIZERS = ("nt-asgd", "sgd")
+STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _check_positive(obj, *names):
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ValueError(f"{name} = {value!r} must be > 0")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} = {value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of the AWD-LSTM; the last layer is emb_size wide so the decoder can be tied."""
+
+    emb_size: int = 400
+    hidden_size: int = 1150
+    n_layers: int = 3
+    tie_weights: bool = True
+
+    def __post_init__(self):
+        _check_positive(self, "emb_size", "hidden_size", "n_layers")
+
+
+@dataclass(frozen=True)
+class DropoutConfig:
+    """The five dropout rates and how hidden-state masks are drawn; a rate of 0 is the identity."""
+
+    embedding: float = 0.0
+    input: float = 0.0
+    hidden: float = 0.0
+    output: float = 0.0
+    weight: float = 0.0
+    hidden_mode: str = "locked"
+
+    def __post_init__(self):
+        for site in SITES:
+            rate = getattr(self, site)
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{site} = {rate!r} is outside [0, 1): use a rate like 0.3 (0 switches it off)")
+        _check_choice("hidden_mode", self.hidden_mode, HIDDEN_MODES)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe (the paper's NT-ASGD by default) and the data slice it sees."""
+
+    epochs: int = 500
+    batch_size: int = 20
+    eval_batch_size: int = 10
+    test_batch_size: int = 1
+    bptt: int = 70
+    variable_bptt: bool = True
+    optimizer: str = "nt-asgd"
+    lr: float = 30.0
+    clip: float = 0.25
+    weight_decay: float = 1.2e-6
+    alpha: float = 2.0
+    beta: float = 1.0
+    nonmono: int = 5
+    seed: int = 141
+    train_tokens: int = 0  # 0 = the whole train split; else its first N tokens
+    valid_tokens: int = 0  # 0 = the whole valid split
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+
+    def __post_init__(self):
+        _check_positive(self, "epochs", "batch_size", "eval_batch_size", "test_batch_size", "bptt", "lr", "nonmono")
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        for name in ("clip", "weight_decay", "alpha", "beta", "train_tokens", "valid_tokens", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} = {getattr(self, name)!r} must be >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one training run depends on; logged with every run and saved in every checkpoint."""
+
+    corpus: str
+    variant: str
+    model: ModelConfig
+    dropout: DropoutConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        """Nested plain dict (for checkpoints and artifacts)."""
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict:
+        """`section.key -> value` (MLflow params, report columns)."""
+        out = {"corpus": self.corpus, "variant": self.variant}
+        for section in ("model", "dropout", "train"):
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                out[f"{section}.{key}"] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        """Inverse of to_dict."""
+        return cls(
+            corpus=data["corpus"],
+            variant=data["variant"],
+            model=ModelConfig(**data["model"]),
+            dropout=DropoutConfig(**data["dropout"]),
+            train=TrainConfig(**data["train"]),
+        )
+
+    def replace(self, overrides: dict) -> "RunConfig":
+        """A copy with `section.key` overrides applied (values already typed)."""
+        sections = {s: dataclasses.asdict(getattr(self, s)) for s in ("model", "dropout", "train")}
+        for key, value in overrides.items():
+            section, name = key.split(".", 1)
+            sections[section][name] = value
+        return RunConfig(
+            self.corpus, self.variant, ModelConfig(**sections["model"]),
+            DropoutConfig(**sections["dropout"]), TrainConfig(**sections["train"]),
+        )
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ablation arm: which dropout sites are on and how hidden-state masks are drawn."""
+
+    name: str
+    sites: frozenset
+    hidden_mode: str = "locked"
+    description: str = ""
+
+
+_LOCKED = frozenset({"input", "hidden", "output"})
+BUILTIN_VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("no_dropout", frozenset(), "locked", "no dropout anywhere"),
+        Variant("naive", _LOCKED, "naive", "naive per-step dropout on input, hidden and output (the baseline)"),
+        Variant("embedding_only", frozenset({"embedding"}), "locked", "embedding dropout alone"),
+        Variant("locked_only", _LOCKED, "locked", "locked (variational) dropout on input, hidden and output"),
+        Variant("weight_only", frozenset({"weight"}), "locked", "weight drop on W_hh alone"),
+        Variant("awd", frozenset(SITES), "locked", "all three techniques (AWD-LSTM)"),
+        Variant("awd_no_embedding", frozenset(SITES) - {"embedding"}, "locked", "AWD without embedding dropout"),
+        Variant("awd_no_locked", frozenset({"embedding", "weight"}), "locked", "AWD without hidden-state dropout"),
+        Variant("awd_no_weight", frozenset(SITES) - {"weight"}, "locked", "AWD without weight drop"),
+        Variant("awd_naive", frozenset(SITES), "naive", "AWD with naive instead of locked masks"),
+        Variant("awd_timestep", frozenset(SITES), "timestep", "AWD with the paper-era (T, 1, H) mask"),
+        Variant("naive_recurrent", _LOCKED, "naive_recurrent",
+                "naive per-step dropout, also on the recurrent h(t-1) path (the hidden rate)"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    """A closed search interval; `log` samples it on a log scale."""
+
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Which nuisance parameters Optuna searches: the rates of a variant's active sites, optionally lr."""
+
+    rates: dict = field(default_factory=dict)  # site -> Range
+    lr: Range | None = None
+    sampler: str = "tpe"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """How much work a study may spend: the same for every variant, so the ablation is fair."""
+
+    trials: int = 8
+    epochs: int = 0  # 0 = fixed.train.epochs
+    pruner: str = "median"
+    warmup_epochs: int = 2
+    confirm_seeds: tuple = (1, 2, 3, 4, 5)
+    max_retries: int = 2
+
+    def __post_init__(self):
+        _check_positive(self, "trials")
+        _check_choice("pruner", self.pruner, PRUNERS)
+        for name in ("epochs", "warmup_epochs", "max_retries"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} = {getattr(self, name)!r} must be >= 0")
+        if len(set(self.confirm_seeds)) != len(self.confirm_seeds):
+            raise ValueError(f"confirm_seeds = {list(self.confirm_seeds)!r} repeats a seed")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A validated study file."""
+
+    path: Path
+    name: str
+    corpus: str
+    metric: str
+    notes: str
+    fixed: RunConfig  # variant "" : the settings every arm starts from
+    variants: dict  # name -> Variant, in file order
+    search: SearchConfig
+    budget: BudgetConfig
+    text: str  # the file as read, logged as an artifact
+
+    @property
+    def digest(self) -> str:
+        """Content hash of the study file: resuming under one name with another file is refused."""
+        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
+
+    def run_config(self, variant: str, overrides: dict | None = None) -> RunConfig:
+        """The resolved config of one arm: inactive sites at 0, then `section.key` overrides."""
+        if variant not in self.variants:
+            raise UserError(
+                f"{self.path}: unknown variant {variant!r}{_suggest(variant, self.variants)}; "
+                f"this study defines: {', '.join(self.variants)}"
+            )
+        arm = self.variants[variant]
+        rates = {s: (getattr(self.fixed.dropout, s) if s in arm.sites else 0.0) for s in SITES}
+        config = dataclasses.replace(
+            self.fixed, variant=variant,
+            dropout=DropoutConfig(**rates, hidden_mode=arm.hidden_mode),
+        )
+        overrides = overrides or {}
+        for key, value in overrides.items():
+            section, name = key.split(".", 1)
+            if section == "dropout" and name in SITES and name not in arm.sites and value:
+                raise UserError(
+                    f"--set {key}={value}: variant {variant!r} keeps {name} dropout off "
+                    f"(its sites: {', '.join(sorted(arm.sites)) or 'none'}); choose a variant that uses it"
+                )
+        try:
+            return config.replace(overrides)
+        except ValueError as err:
+            raise UserError(f"--set: {err}") from None
+
+
+def _suggest(word, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(hint, value, key):
+    """Check one TOML value against a dataclass field's type; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif hint is tuple or origin is tuple:
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        value = tuple(value) if ok else value
+    else:
+        raise TypeError(f"no TOML check for {hint}")
+    if not ok:
+        words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+        raise ValueError(f"{key} = {value!r} should be {words.get(hint, 'a list of integers')}")
+    return value
+
+
+def build_record(cls, table, where: str, source: Path, defaults=None):
+    """Validate a TOML table against a config dataclass: unknown keys, types and ranges."""
+    if not isinstance(table, dict):
+        raise UserError(f"{source}: [{where}] should be a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    values = dict(defaults or {})
+    for key, value in table.items():
+        if key not in names:
+            raise UserError(
+                f"{source}: unknown key '{where}.{key}'{_suggest(key, names)}; known keys: {', '.join(names)}"
+            )
+        try:
+            values[key] = _coerce(hints[key], value, key)
+        except ValueError as err:
+            raise UserError(f"{source}: {where}.{err}") from None
+    try:
+        return cls(**values)
+    except ValueError as err:
+        raise UserError(f"{source}: {where}.{err}") from None
+
+
+def _only_keys(table, allowed, where, source):
+    for key in table:
+        if key not in allowed:
+            raise UserError(
+                f"{source}: unknown key '{where}.{key}'{_suggest(key, allowed)}; known keys: {', '.join(allowed)}"
+            )
+
+
+def _parse_variants(table, source) -> dict:
+    if not table:
+        raise UserError(f"{source}: no [variants.NAME] table; add at least one, e.g. [variants.awd]")
+    variants = {}
+    for name, spec in table.items():
+        where = f"variants.{name}"
+        if not isinstance(spec, dict):
+            raise UserError(f"{source}: [{where}] should be a table")
+        _only_keys(spec, ("sites", "hidden_mode", "description"), where, source)
+        base = BUILTIN_VARIANTS.get(name)
+        if base is None and ("sites" not in spec or "hidden_mode" not in spec):
+            raise UserError(
+                f"{source}: [{where}] is not a built-in variant{_suggest(name, BUILTIN_VARIANTS)}; "
+                f"give it `sites` and `hidden_mode`, or use one of: {', '.join(BUILTIN_VARIANTS)}"
+            )
+        sites = spec.get("sites", sorted(base.sites) if base else [])
+        if not isinstance(sites, list) or any(s not in SITES for s in sites):
+            raise UserError(f"{source}: {where}.sites = {sites!r}: each site must be one of {', '.join(SITES)}")
+        mode = spec.get("hidden_mode", base.hidden_mode if base else "locked")
+        if mode not in HIDDEN_MODES:
+            raise UserError(f"{source}: {where}.hidden_mode = {mode!r} is not one of {', '.join(HIDDEN_MODES)}")
+        description = spec.get("description", base.description if base else "")
+        variants[name] = Variant(name, frozenset(sites), mode, str(description))
+    return variants
+
+
+def _parse_range(value, key, source, *, log=False) -> Range:
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise UserError(f"{source}: {key} = {value!r} should be [low, high]")
+    low, high = float(value[0]), float(value[1])
+    if low >= high:
+        raise UserError(f"{source}: {key} = {value!r} is inverted or empty; write [low, high] with low < high")
+    if log and low <= 0:
+        raise UserError(f"{source}: {key} = {value!r} is searched on a log scale; low must be > 0")
+    return Range(low, high, log)
+
+
+def _parse_search(table, source) -> SearchConfig:
+    _only_keys(table, (*SITES, "lr", "sampler", "seed"), "search", source)
+    rates = {}
+    for site in SITES:
+        if site in table:
+            rng = _parse_range(table[site], f"search.{site}", source)
+            if rng.low < 0 or rng.high >= 1:
+                raise UserError(f"{source}: search.{site} = {table[site]!r} must lie inside [0, 1)")
+            rates[site] = rng
+    lr = _parse_range(table["lr"], "search.lr", source, log=True) if "lr" in table else None
+    sampler = table.get("sampler", "tpe")
+    if sampler not in SAMPLERS:
+        raise UserError(f"{source}: search.sampler = {sampler!r} is not one of {', '.join(SAMPLERS)}")
+    seed = table.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UserError(f"{source}: search.seed = {seed!r} should be an integer")
+    return SearchConfig(rates, lr, sampler, seed)
+
+
+def load_study(path) -> StudyConfig:
+    """Read and validate a study file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such study file; the shipped ones are in studies/") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path}: malformed TOML: {err}") from None
+    _only_keys(data, ("study", "fixed", "variants", "search", "budget"), "(top level)", path)
+    head = data.get("study", {})
+    _only_keys(head, ("name", "corpus", "metric", "notes"), "study", path)
+    name = head.get("name", path.stem)
+    if not isinstance(name, str) or not STUDY_NAME.match(name):
+        raise UserError(
+            f"{path}: study.name = {name!r} is unsafe for file names and HTML; "
+            "use letters, digits, '_', '.', '-' (at most 64, starting with a letter or digit)"
+        )
+    corpus = head.get("corpus", "ptb")
+    if not isinstance(corpus, str) or not corpus:
+        raise UserError(f"{path}: study.corpus = {corpus!r} should be a corpus name like 'ptb' or a folder path")
+    metric = head.get("metric", "val_ppl")
+    if metric not in METRICS:
+        raise UserError(f"{path}: study.metric = {metric!r} is not one of {', '.join(METRICS)}")
+    fixed = data.get("fixed", {})
+    _only_keys(fixed, ("model", "dropout", "train"), "fixed", path)
+    run = RunConfig(
+        corpus=corpus,
+        variant="",
+        model=build_record(ModelConfig, fixed.get("model", {}), "fixed.model", path),
+        dropout=build_record(DropoutConfig, fixed.get("dropout", {}), "fixed.dropout", path),
+        train=build_record(TrainConfig, fixed.get("train", {}), "fixed.train", path),
+    )
+    return StudyConfig(
+        path=path,
+        name=name,
+        corpus=corpus,
+        metric=metric,
+        notes=str(head.get("notes", "")),
+        fixed=run,
+        variants=_parse_variants(data.get("variants", {}), path),
+        search=_parse_search(data.get("search", {}), path),
+        budget=build_record(BudgetConfig, data.get("budget", {}), "budget", path),
+        text=text,
+    )
+
+
+def parse_overrides(pairs) -> dict:
+    """`["train.epochs=1", ...]` -> {"train.epochs": 1}, typed and checked against the config fields."""
+    records = {"model": ModelConfig, "dropout": DropoutConfig, "train": TrainConfig}
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        section, _, name = key.strip().partition(".")
+        if not sep or section not in records:
+            raise UserError(f"--set {pair!r}: write section.key=value with section one of model, dropout, train")
+        cls = records[section]
+        hints = typing.get_type_hints(cls)
+        if name not in hints:
+            raise UserError(f"--set {pair!r}: unknown key {key!r}{_suggest(name, hints)}; known: {', '.join(hints)}")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()  # bare words, e.g. dropout.hidden_mode=naive
+        try:
+            out[key.strip()] = _coerce(hints[name], value, key.strip())
+        except ValueError as err:
+            raise UserError(f"--set: {err}") from None
+    return out

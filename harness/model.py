@@ -1,0 +1,74 @@
+"""AWD-LSTM (Merity et al. 2017) with every dropout site switchable by its rate.
+
+    tokens (T, B) -> embedding dropout -> input dropout -> [WeightDropLSTM -> hidden dropout] x (n-1)
+                  -> WeightDropLSTM (emb_size wide) -> output dropout -> tied decoder -> logits (T, B, V)
+
+A rate of 0 is the identity, so with every rate at 0 this computes what a plain stack of nn.LSTM layers
+with the same weights computes.
+"""
+
+import torch
+from torch import nn
+
+from harness.config import DropoutConfig, ModelConfig
+from harness.dropout import EmbeddingDropout, WeightDropLSTM, make_hidden_dropout
+
+State = list  # one (h (1, B, H), c (1, B, H)) per layer
+
+
+class AWDLSTM(nn.Module):
+    """The language model; forward returns what training needs for the loss and AR/TAR."""
+
+    def __init__(self, vocab_size: int, model: ModelConfig, dropout: DropoutConfig):
+        super().__init__()
+        self.config, self.dropout = model, dropout
+        mode = dropout.hidden_mode
+        self.encoder = nn.Embedding(vocab_size, model.emb_size)
+        self.embedding_dropout = EmbeddingDropout(self.encoder, dropout.embedding)
+        self.input_dropout = make_hidden_dropout(mode, dropout.input)
+        # The last layer is emb_size wide so its output can feed the tied decoder.
+        last = model.emb_size if model.tie_weights else model.hidden_size
+        sizes = [model.emb_size] + [model.hidden_size] * (model.n_layers - 1) + [last]
+        recurrent_p = dropout.hidden if mode == "naive_recurrent" else 0.0
+        self.layers = nn.ModuleList(
+            WeightDropLSTM(sizes[i], sizes[i + 1], weight_p=dropout.weight, recurrent_p=recurrent_p)
+            for i in range(model.n_layers)
+        )
+        self.hidden_dropouts = nn.ModuleList(make_hidden_dropout(mode, dropout.hidden) for _ in sizes[2:])
+        self.output_dropout = make_hidden_dropout(mode, dropout.output)
+        self.decoder = nn.Linear(last, vocab_size)
+        if model.tie_weights:
+            if self.decoder.weight.shape != self.encoder.weight.shape:
+                raise ValueError(
+                    f"tied weights need decoder {tuple(self.decoder.weight.shape)} == "
+                    f"embedding {tuple(self.encoder.weight.shape)}"
+                )
+            self.decoder.weight = self.encoder.weight
+        # The reference code's initialisation.
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+
+    def init_state(self, batch_size: int) -> State:
+        """Zero (h, c) for every layer."""
+        weight = self.encoder.weight
+        return [
+            (weight.new_zeros(1, batch_size, layer.hidden_size), weight.new_zeros(1, batch_size, layer.hidden_size))
+            for layer in self.layers
+        ]
+
+    def forward(self, tokens: torch.Tensor, state: State | None = None):
+        """tokens (T, B) -> logits (T, B, V), new state, last layer's raw and dropped outputs (T, B, E)."""
+        x = self.input_dropout(self.embedding_dropout(tokens))  # (T, B, E)
+        state = state or [None] * len(self.layers)
+        new_state = []
+        for i, layer in enumerate(self.layers):
+            raw, layer_state = layer(x, state[i])  # (T, B, H_i)
+            new_state.append(layer_state)
+            x = self.hidden_dropouts[i](raw) if i < len(self.hidden_dropouts) else raw
+        dropped = self.output_dropout(raw)
+        return self.decoder(dropped), new_state, raw, dropped
+
+
+def detach_state(state: State) -> State:
+    """Cut the graph between truncated-BPTT segments while carrying the values on."""
+    return [(h.detach(), c.detach()) for h, c in state]

@@ -1,0 +1,247 @@
+"""Device slots and the process-per-trial scheduler.
+
+One slot per device (each visible CUDA GPU, or CPU workers with the cores divided); a slot runs one trial
+at a time in a fresh process pinned to it, and the next trial starts the moment any slot frees. The
+coordinator (this process) is the only writer of Optuna and MLflow: workers send per-epoch metrics over a
+pipe and wait for a keep-going/prune answer. A worker that crashes or is killed fails only its own trial.
+
+joblib's process pools are not used to run trials: when one loky worker dies the executor is broken and
+every running task fails with it. joblib supplies the cgroup-aware core count.
+"""
+
+import dataclasses
+import multiprocessing
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Protocol
+
+import joblib
+
+from harness.errors import UserError
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A place a trial can run: a device and the CPU threads the trial may use."""
+
+    index: int
+    device: str  # "cpu" or "cuda:N"
+    threads: int
+
+
+@dataclass(frozen=True)
+class Task:
+    """One training run to schedule."""
+
+    key: str  # unique and readable, e.g. "awd/search/3"
+    config: dict  # RunConfig.to_dict()
+    checkpoint_dir: str
+    prunable: bool = True
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a task ended: finished (with the result summary), pruned, or failed (with the reason)."""
+
+    status: str
+    result: dict | None = None
+    reason: str = ""
+
+
+class TaskSource(Protocol):
+    """What the scheduler asks of a study: the next task, and what to do with reports."""
+
+    def next_task(self, slot: Slot) -> Task | None: ...
+
+    def on_start(self, task: Task, slot: Slot) -> None: ...
+
+    def on_epoch(self, task: Task, epoch: dict) -> bool: ...  # False = prune
+
+    def on_done(self, task: Task, slot: Slot, outcome: Outcome) -> None: ...
+
+    def on_tick(self) -> None: ...
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def discover_slots(devices: str | None = None, per_device: int | None = None) -> list[Slot]:
+    """GPUs visible to this process (CUDA_VISIBLE_DEVICES respected), else CPU workers sharing the cores.
+
+    `devices` is "cpu", "cuda" or a comma list like "cuda:0,cuda:1"; `per_device` runs that many trials at
+    once on each GPU, or sets the number of CPU workers.
+    """
+    cores = joblib.cpu_count()
+    if per_device is not None and per_device < 1:
+        raise UserError(f"--trials-per-device {per_device}: must be at least 1")
+    if devices in (None, "", "auto"):
+        names = [f"cuda:{i}" for i in range(_cuda_count())] or ["cpu"]
+    elif devices == "cuda":
+        names = [f"cuda:{i}" for i in range(_cuda_count())]
+        if not names:
+            raise UserError("--devices cuda: no CUDA GPU is visible here; use --devices cpu")
+    else:
+        names = [d.strip() for d in devices.split(",") if d.strip()]
+    for name in names:
+        if name != "cpu" and not (name.startswith("cuda:") and name[5:].isdigit()):
+            raise UserError(f"--devices: {name!r} is not cpu, cuda or cuda:N")
+        if name.startswith("cuda:") and int(name[5:]) >= _cuda_count():
+            raise UserError(f"--devices: {name} is not visible here ({_cuda_count()} GPUs); see CUDA_VISIBLE_DEVICES")
+    if names == ["cpu"]:
+        workers = per_device or cores
+        return [Slot(i, "cpu", max(1, cores // workers)) for i in range(workers)]
+    per = per_device or 1
+    threads = max(1, cores // (len(names) * per))
+    return [Slot(i, name, threads) for i, name in enumerate(n for n in names for _ in range(per))]
+
+
+def _worker(task: Task, slot: Slot, conn) -> None:
+    """Entry point of a trial process: train, report each epoch, obey prune answers."""
+    # The coordinator handles Ctrl-C for everyone and stops workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    from harness.config import RunConfig
+    from harness.data import load_corpus
+    from harness.train import train_model
+
+    class Pruned(Exception):
+        pass
+
+    def on_epoch(epoch):
+        conn.send(("epoch", dataclasses.asdict(epoch)))
+        if not conn.recv():
+            raise Pruned
+
+    try:
+        torch.set_num_threads(slot.threads)
+        if slot.device.startswith("cuda"):
+            torch.cuda.set_device(slot.device)
+        config = RunConfig.from_dict(task.config)
+        corpus = load_corpus(config.corpus, fetch_missing=False, log=lambda *a: None)
+        result = train_model(config, corpus, device=slot.device, checkpoint_dir=Path(task.checkpoint_dir),
+                             on_epoch=on_epoch, progress=False)
+        summary = {
+            "best_val_ppl": result.best_val_ppl, "best_epoch": result.best_epoch, "test_ppl": result.test_ppl,
+            "test_loss": result.test_loss, "averaged_from_epoch": result.averaged_from_epoch,
+            "seconds": result.seconds, "epochs": len(result.epochs),
+        }
+        conn.send(("finished", summary))
+    except Pruned:
+        conn.send(("pruned", None))
+    except Exception as err:  # the trial fails with its reason; the other workers go on
+        from harness.errors import UserError as _UserError
+        from harness.train import TrainingDiverged
+
+        known = isinstance(err, (TrainingDiverged, _UserError))
+        conn.send(("failed", str(err) if known else traceback.format_exc(limit=6)))
+    finally:
+        conn.close()
+
+
+class _Running:
+    def __init__(self, task: Task, slot: Slot, process, conn):
+        self.task, self.slot, self.process, self.conn = task, slot, process, conn
+        self.outcome: Outcome | None = None
+        self.started = time.monotonic()
+
+
+class Scheduler:
+    """Runs the tasks a TaskSource hands out on the slots until it has no more and none is running."""
+
+    def __init__(self, slots: list[Slot], tick_seconds: float = 1.0):
+        self.slots = slots
+        self.tick_seconds = tick_seconds
+        self.context = multiprocessing.get_context("spawn")  # no forked CUDA or SQLite state
+        self.running: dict[int, _Running] = {}  # slot index -> run
+
+    def run(self, source: TaskSource) -> None:
+        """Schedule until the source has no task left and nothing runs (Ctrl-C: the caller calls stop)."""
+        while True:
+            self._fill(source)
+            if not self.running:
+                return
+            self._wait_and_handle(source)
+            source.on_tick()
+
+    def stop(self, source: TaskSource, reason: str) -> None:
+        """Terminate every running worker and report its task failed with the reason."""
+        for run in self.running.values():
+            if run.process.is_alive():
+                run.process.terminate()
+        for index, run in list(self.running.items()):
+            run.process.join(timeout=10)
+            if run.process.is_alive():
+                run.process.kill()
+                run.process.join()
+            del self.running[index]
+            source.on_done(run.task, run.slot, Outcome("failed", reason=reason))
+
+    def _fill(self, source: TaskSource) -> None:
+        for slot in self.slots:
+            if slot.index in self.running:
+                continue
+            task = source.next_task(slot)
+            if task is None:
+                continue
+            parent, child = self.context.Pipe()
+            process = self.context.Process(target=_worker, args=(task, slot, child), name=f"slot{slot.index}",
+                                           daemon=True)
+            process.start()
+            child.close()
+            self.running[slot.index] = _Running(task, slot, process, parent)
+            source.on_start(task, slot)
+
+    def _wait_and_handle(self, source: TaskSource) -> None:
+        waitables = {}
+        for run in self.running.values():
+            waitables[run.conn] = run
+            waitables[run.process.sentinel] = run
+        for ready in wait(list(waitables), timeout=self.tick_seconds):
+            run = waitables[ready]
+            if ready is run.conn:
+                self._read(run, source)
+        for index, run in list(self.running.items()):
+            if run.process.is_alive() and run.outcome is None:
+                continue
+            run.process.join(timeout=30)
+            while run.outcome is None and run.conn.poll():  # a final message may trail the exit
+                self._read(run, source)
+            if run.outcome is None:
+                code = run.process.exitcode
+                why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                run.outcome = Outcome("failed", reason=f"worker process died ({why}) on {run.slot.device}")
+            run.conn.close()
+            del self.running[index]
+            source.on_done(run.task, run.slot, run.outcome)
+
+    def _read(self, run: _Running, source: TaskSource) -> None:
+        try:
+            kind, payload = run.conn.recv()
+        except (EOFError, OSError):
+            return  # the process is gone; its sentinel tells how
+        if kind == "epoch":
+            keep_going = source.on_epoch(run.task, payload)
+            try:
+                run.conn.send(bool(keep_going) or not run.task.prunable)
+            except (BrokenPipeError, OSError):
+                pass
+        elif kind == "finished":
+            run.outcome = Outcome("finished", result=payload)
+        elif kind == "pruned":
+            run.outcome = Outcome("pruned")
+        else:
+            run.outcome = Outcome("failed", reason=payload)
+
+
+def describe_slots(slots: list[Slot]) -> str:
+    """One line for the user: which slots the study will use."""
+    each = ", ".join(f"{s.device} x{s.threads} thread{'s' * (s.threads > 1)}" for s in slots)
+    return f"{len(slots)} slot{'s' * (len(slots) > 1)}: {each}"
