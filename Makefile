@@ -8,7 +8,12 @@ STUDY ?= studies/ablation.toml
 AWD_DATA_DIR ?= $(if $(wildcard ../shared/data/ptb/ptb.train.txt),$(abspath ../shared/data),$(abspath data))
 export AWD_DATA_DIR
 
-.PHONY: install test ablation bench clean
+# Where `make ablation` and `make ui` keep results (the MLflow and Optuna defaults of `harness ablate`).
+TRACKING_URI ?= sqlite:///mlflow.db
+STORAGE ?= sqlite:///optuna.db
+UI_PORT ?= 5000
+
+.PHONY: install test ablation report ui bench clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +24,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 test: install
 	$(BIN)/python -m pytest -m "not gpu" -q tests
+
+ablation: install
+	$(BIN)/python -m harness ablate $(STUDY) --storage $(STORAGE) --tracking-uri $(TRACKING_URI)
+
+report: install
+	$(BIN)/python -m harness report $(STUDY) --storage $(STORAGE) --tracking-uri $(TRACKING_URI)
+
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(UI_PORT)
 
 bench: install
 	$(BIN)/python -m harness bench

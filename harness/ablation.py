@@ -27,7 +27,6 @@ from harness.search import (
 )
 from harness.tracking import Tracker
 
-DEFAULT_STORAGE = "sqlite:///optuna.db"
 SUMMARY_EVERY = 120.0  # seconds between live-view tables
 
 

@@ -1,6 +1,7 @@
-"""Training throughput of AWD-LSTM against a plain stack of nn.LSTM layers, as ratios.
+"""Benchmarks, as ratios measured side by side: model throughput and the scheduler's speed-up.
 
     python -m harness bench [--sizes paper,cpu] [--rounds 5] [--steps 3]
+    python -m harness bench --scheduler [--tasks 6]
 
 Each round times every arm back to back in one process (forward + backward + clip + SGD step on
 (bptt, batch) token segments), so a slower machine or a busy core moves both sides alike; the ratio is
@@ -12,16 +13,19 @@ import concurrent.futures
 import multiprocessing
 import resource
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.config import DropoutConfig, ModelConfig
+from harness.config import DropoutConfig, ModelConfig, RunConfig
 from harness.dropout import HIDDEN_MODES
 from harness.model import AWDLSTM, detach_state
+from harness.scheduler import Scheduler, Slot, Task
 
 # The paper's PTB model and the CPU-sized one of studies/cpu-ptb.toml.
 SIZES = {"paper": ModelConfig(400, 1150, 3), "cpu": ModelConfig(200, 400, 3)}
@@ -170,3 +174,45 @@ def format_table(rows: list[BenchRow], device: str) -> str:
             f"| {row.ratio:.3f}x | {row.peak_memory_mb:,.0f} |"
         )
     return "\n".join(lines)
+
+
+class EqualTasks:
+    """A TaskSource of n copies of one run that records when each slot starts and ends a task."""
+
+    def __init__(self, config: RunConfig, n: int, workdir: Path):
+        self.config, self.workdir = config.to_dict(), workdir
+        self.todo = [f"task{i}" for i in range(n)]
+        self.events = []  # (monotonic time, "start" | "done", slot index, task key, tasks not yet started)
+
+    def next_task(self, slot: Slot) -> Task | None:
+        if not self.todo:
+            return None
+        key = self.todo.pop(0)
+        return Task(key, self.config, str(self.workdir / key), prunable=False)
+
+    def on_start(self, task: Task, slot: Slot) -> None:
+        self.events.append((time.monotonic(), "start", slot.index, task.key, len(self.todo)))
+
+    def on_epoch(self, task: Task, epoch: dict) -> bool:
+        return True
+
+    def on_done(self, task: Task, slot: Slot, outcome) -> None:
+        if outcome.status != "finished":
+            raise RuntimeError(f"{task.key} {outcome.status}: {outcome.reason}")
+        self.events.append((time.monotonic(), "done", slot.index, task.key, len(self.todo)))
+
+    def on_tick(self) -> None:
+        pass
+
+
+def bench_slots(config: RunConfig, n_tasks: int, slot_counts=(1, 2), log=print) -> dict:
+    """Wall time of n equal one-thread trials on 1 CPU slot, then on 2: slot count -> seconds."""
+    seconds = {}
+    for count in slot_counts:
+        with tempfile.TemporaryDirectory() as workdir:
+            source = EqualTasks(config, n_tasks, Path(workdir))
+            started = time.perf_counter()
+            Scheduler([Slot(i, "cpu", 1) for i in range(count)], tick_seconds=0.2).run(source)
+            seconds[count] = time.perf_counter() - started
+        log(f"  {n_tasks} equal trials on {count} slot{'s' * (count > 1)}: {seconds[count]:.1f} s")
+    return seconds

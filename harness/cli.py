@@ -1,4 +1,4 @@
-"""Command line: `python -m harness COMMAND ...` (train, bench, data fetch).
+"""Command line: `python -m harness COMMAND ...` (train, ablate, bench, data fetch).
 
 User mistakes surface as one line on stderr and a non-zero exit code, never a traceback.
 """
@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from harness.errors import UserError
+
+ABLATE_DEFAULTS = {"storage": "sqlite:///optuna.db", "tracking_uri": "sqlite:///mlflow.db", "runs_dir": "runs"}
 
 
 def _device(name: str) -> str:
@@ -56,12 +58,44 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    """Run or resume an ablation study over every device slot."""
+    from harness.ablation import run_ablation
+    from harness.config import load_study
+    from harness.scheduler import discover_slots
+
+    study = load_study(args.study)
+    slots = discover_slots(args.devices, args.trials_per_device)
+    try:
+        run_ablation(study, storage=args.storage, tracking_uri=args.tracking_uri, slots=slots,
+                     runs_dir=Path(args.runs_dir))
+    except KeyboardInterrupt:
+        print(f"\nstopped; the interrupted trials are marked and will be retried. Resume with the same command:\n"
+              f"  python -m harness ablate {args.study}" + "".join(f" {a}" for a in _resume_flags(args)),
+              file=sys.stderr)
+        return 130
+    print(f"results: MLflow {args.tracking_uri} (browse: make ui), Optuna {args.storage}, "
+          f"checkpoints {Path(args.runs_dir) / study.name}")
+    return 0
+
+
+def _resume_flags(args) -> list:
+    flags = []
+    for name in ("storage", "tracking_uri", "devices", "trials_per_device", "runs_dir"):
+        value = getattr(args, name)
+        if value is not None and value != ABLATE_DEFAULTS.get(name):
+            flags.append(f"--{name.replace('_', '-')} {value}")
+    return flags
+
+
 def cmd_bench(args) -> int:
     """Throughput ratios of AWD-LSTM against a plain nn.LSTM stack."""
     import torch
 
     from harness.bench import ARMS, format_table, run_bench
 
+    if args.scheduler:
+        return _bench_scheduler(args.tasks)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
@@ -74,6 +108,21 @@ def cmd_bench(args) -> int:
         arms = ("plain", *arms)
     rows = run_bench(sizes, rounds=args.rounds, steps=args.steps, device=device, arms=arms)
     print(format_table(rows, device))
+    return 0
+
+
+def _bench_scheduler(n_tasks: int) -> int:
+    from harness.bench import bench_slots
+    from harness.config import load_study
+    from harness.data import load_corpus
+
+    study = load_study(Path(__file__).resolve().parent.parent / "studies" / "smoke.toml")
+    config = study.run_config("awd", {"train.train_tokens": 20000, "train.epochs": 2})
+    load_corpus(config.corpus)  # fetch and cache before the clock starts
+    print(f"scheduler speed-up: {n_tasks} equal trials of the smoke study's awd "
+          f"(20k tokens, 2 epochs, 1 thread each), 1 slot then 2")
+    seconds = bench_slots(config, n_tasks)
+    print(f"speed-up with 2 slots: {seconds[1] / seconds[2]:.2f}x")
     return 0
 
 
@@ -101,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("ablate", help="run or resume an ablation study (search, confirmation, tracking)")
+    p.add_argument("study", help="study file, e.g. studies/ablation.toml")
+    p.add_argument("--storage", default=ABLATE_DEFAULTS["storage"], help="Optuna storage URL")
+    p.add_argument("--tracking-uri", default=ABLATE_DEFAULTS["tracking_uri"], help="MLflow tracking URI")
+    p.add_argument("--devices", help="cpu, cuda or cuda:0,cuda:1 (default: every visible GPU, else the CPU)")
+    p.add_argument("--trials-per-device", type=int, help="trials at once per GPU, or the number of CPU workers")
+    p.add_argument("--runs-dir", default=ABLATE_DEFAULTS["runs_dir"], help="checkpoint folder")
+    p.set_defaults(func=cmd_ablate)
+
     p = sub.add_parser("bench", help="training throughput vs a plain nn.LSTM stack")
     p.add_argument("--sizes", default="paper,cpu", help="comma list of paper, cpu")
     p.add_argument("--arms", default="", help="comma list of arms (default: plain and every hidden mode)")
@@ -108,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="training steps per arm per round")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--scheduler", action="store_true", help="instead: n equal trials on 1 CPU slot vs 2")
+    p.add_argument("--tasks", type=int, default=6, help="trials for --scheduler")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("data", help="corpora")

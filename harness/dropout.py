@@ -8,7 +8,6 @@ DropConnect on W_hh (weight drop) plus optional naive recurrent dropout. Tensors
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, _VF, nn
 
 HIDDEN_MODES = ("locked", "naive", "timestep", "naive_recurrent")
@@ -23,7 +22,8 @@ def _check_rate(name: str, p: float) -> float:
 
 def _mask(like: Tensor, shape: tuple[int, ...], p: float) -> Tensor:
     """Bernoulli keep-mask of `shape`, scaled by 1/(1-p) so activations keep their expected value."""
-    return like.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
+    # uniform_ + in-place threshold: same distribution as bernoulli_(1 - p), several times faster on CPU.
+    return like.new_empty(shape).uniform_().ge_(p).mul_(1 / (1 - p))
 
 
 class _Dropout(nn.Module):
@@ -75,7 +75,7 @@ class NaiveDropout(_Dropout):
         """Drop elements of x (T, B, H) independently."""
         if not self.training or self.p == 0:
             return x
-        return F.dropout(x, self.p, training=True)
+        return x * _mask(x, x.shape, self.p)
 
 
 class TimestepDropout(_Dropout):
@@ -123,6 +123,25 @@ class _WriteSlot(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         (mask,) = ctx.saved_tensors
         return (grad if mask is None else grad * mask), None, None
+
+
+class _RecurrentWeightGrad(torch.autograd.Function):
+    """Identity on the input projections whose backward also returns W_hh's gradient in one matmul.
+
+    The time loop uses W_hh detached, so autograd does not build T separate (4H, H) outer products.
+    Since gates_t = gates_x[t] + h_in[t] @ W_hh^T, the gradient reaching gates_x is dL/dgates, and
+    dL/dW_hh = sum_t dL/dgates_t^T @ h_in[t]. The loop appends each h_in[t] to `recurrent_inputs`.
+    """
+
+    @staticmethod
+    def forward(ctx, gates_x: Tensor, weight_hh: Tensor, recurrent_inputs: list[Tensor]) -> Tensor:
+        ctx.recurrent_inputs = recurrent_inputs  # filled during the loop, complete before backward
+        return gates_x.view_as(gates_x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        inputs = torch.stack(ctx.recurrent_inputs)  # (T, B, H)
+        return grad, grad.flatten(0, 1).t() @ inputs.flatten(0, 1), None  # (4H, T*B) @ (T*B, H)
 
 
 class WeightDropLSTM(nn.Module):
@@ -212,14 +231,18 @@ class WeightDropLSTM(nn.Module):
         """Python loop over time with a fresh recurrent mask per step and sample (the naive_recurrent arm)."""
         steps, batch, _ = x.shape
         h, c = state[0][0], state[1][0]  # (B, H)
-        # Input projections of all steps in one matmul, both biases folded in: (T, B, 4H).
-        gates_x = torch.addmm(self.bias_ih + self.bias_hh, x.reshape(steps * batch, -1), self.weight_ih.t())
-        gates_x = gates_x.view(steps, batch, -1)
         masks = _mask(x, (steps, batch, self.hidden_size), self.recurrent_p)  # all steps drawn at once
-        weight_hh_t = weight_hh.t()
+        # Input projections of all steps in one matmul, both biases folded in: (T, B, 4H).
+        gates_x = torch.addmm(self.bias_ih + self.bias_hh, x.flatten(0, 1), self.weight_ih.t())
+        recurrent_inputs: list[Tensor] = []
+        gates_x = _RecurrentWeightGrad.apply(gates_x.view(steps, batch, -1), weight_hh, recurrent_inputs)
+        weight_hh_t = weight_hh.detach().t()  # its gradient comes from _RecurrentWeightGrad
         outputs = []
-        for t in range(steps):
-            gates = torch.addmm(gates_x[t], h * masks[t], weight_hh_t)  # (B, 4H)
+        # unbind, not gates_x[t]: indexing would back-propagate a zero-padded (T, B, 4H) gradient per step.
+        for gates_x_t, mask_t in zip(gates_x.unbind(0), masks.unbind(0)):
+            h_in = h * mask_t
+            recurrent_inputs.append(h_in.detach())
+            gates = torch.addmm(gates_x_t, h_in, weight_hh_t)  # (B, 4H)
             i, f, g, o = gates.chunk(4, 1)
             c = torch.addcmul(f.sigmoid() * c, i.sigmoid(), g.tanh())
             h = o.sigmoid() * c.tanh()

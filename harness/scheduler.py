@@ -212,8 +212,8 @@ class Scheduler:
             if run.process.is_alive() and run.outcome is None:
                 continue
             run.process.join(timeout=30)
-            while run.outcome is None and run.conn.poll():  # a final message may trail the exit
-                self._read(run, source)
+            while run.outcome is None and run.conn.poll() and self._read(run, source):
+                pass  # a final message may trail the exit
             if run.outcome is None:
                 code = run.process.exitcode
                 why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
@@ -222,11 +222,12 @@ class Scheduler:
             del self.running[index]
             source.on_done(run.task, run.slot, run.outcome)
 
-    def _read(self, run: _Running, source: TaskSource) -> None:
+    def _read(self, run: _Running, source: TaskSource) -> bool:
+        """Handle one message; False once the pipe is closed (the process is gone, its sentinel says how)."""
         try:
             kind, payload = run.conn.recv()
         except (EOFError, OSError):
-            return  # the process is gone; its sentinel tells how
+            return False
         if kind == "epoch":
             keep_going = source.on_epoch(run.task, payload)
             try:
@@ -239,6 +240,7 @@ class Scheduler:
             run.outcome = Outcome("pruned")
         else:
             run.outcome = Outcome("failed", reason=payload)
+        return True
 
 
 def describe_slots(slots: list[Slot]) -> str:

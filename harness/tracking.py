@@ -7,6 +7,7 @@ git commit, corpus MD5 and state (running, finished, pruned, failed + reason).
 """
 
 import json
+import logging
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -17,9 +18,12 @@ from mlflow.entities import Metric, Param, RunTag
 from harness.config import RunConfig, StudyConfig
 from harness.errors import UserError
 
-DEFAULT_URI = "sqlite:///mlflow.db"
 EPOCH_METRICS = ("train_loss", "train_ppl", "val_loss", "val_ppl", "lr", "epoch_seconds", "tokens_per_s")
 RESULT_METRICS = ("best_val_ppl", "best_epoch", "test_ppl", "test_loss", "seconds", "epochs")
+# MLflow's own INFO lines (database migrations) would drown the live view.
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
 MLFLOW_STATUS = {"finished": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 
 

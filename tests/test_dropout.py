@@ -348,21 +348,28 @@ def test_recurrent_masks_are_fresh_per_step_and_sample_and_match_an_lstm_cell_re
         return drawn[-1]
 
     monkeypatch.setattr(dropout, "_mask", record)
-    layer = WeightDropLSTM(6, 300, recurrent_p=P)
-    x, state = torch.randn(8, 4, 6), (torch.randn(1, 4, 300), torch.randn(1, 4, 300))
+    layer = WeightDropLSTM(6, 300, weight_p=0.2, recurrent_p=P)
+    x = torch.randn(8, 4, 6, requires_grad=True)
+    state = (torch.randn(1, 4, 300, requires_grad=True), torch.randn(1, 4, 300, requires_grad=True))
     out = run(layer, x, state)
-    assert kernel_calls == [] and len(drawn) == 1
-    masks = drawn[0]  # (T, B, H)
+    assert kernel_calls == [] and len(drawn) == 2  # the weight mask, then the recurrent masks
+    weight_hh = layer.weight_hh_raw * drawn[0]
+    masks = drawn[1]  # (T, B, H)
     assert masks.shape == (8, 4, 300)
     assert_masks(masks)
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[:, 0], masks[:, 1])
     h, c = state[0][0], state[1][0]
     outputs = []
     for t in range(8):
-        h, c = torch.lstm_cell(x[t], (h * masks[t], c), layer.weight_ih, layer.weight_hh_raw,
-                               layer.bias_ih, layer.bias_hh)
+        h, c = torch.lstm_cell(x[t], (h * masks[t], c), layer.weight_ih, weight_hh, layer.bias_ih, layer.bias_hh)
         outputs.append(h)
-    torch.testing.assert_close(out, torch.cat([torch.stack(outputs), h[None], c[None]]))
+    expected = torch.cat([torch.stack(outputs), h[None], c[None]])
+    torch.testing.assert_close(out, expected)
+    # Gradients too, for every input: W_hh's comes from the one-matmul shortcut.
+    probe = torch.randn_like(out)
+    inputs = [x, *state, *layer.parameters()]
+    torch.testing.assert_close(torch.autograd.grad((out * probe).sum(), inputs),
+                               torch.autograd.grad((expected * probe).sum(), inputs))
 
 
 def test_weight_drop_applies_on_the_recurrent_path_too():
@@ -383,8 +390,7 @@ def test_cuda_reaches_cudnn_without_weight_copies(kernel_calls):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            grad_before_last = torch.zeros_like(layer.weight_hh_raw) if layer.weight_hh_raw.grad is None \
-                else layer.weight_hh_raw.grad.clone()
+            layer.zero_grad()  # keep only the last call's gradient, to compare with its mask
             out, _ = layer(x)
             out.sum().backward()
         torch.cuda.synchronize()
@@ -392,7 +398,7 @@ def test_cuda_reaches_cudnn_without_weight_copies(kernel_calls):
     # cuDNN owns the layout; what matters is that all four weights live in its one buffer.
     assert len({w.untyped_storage().data_ptr() for w in kernel_calls[-1][0]}) == 1
     mask = kernel_calls[-1][1] / layer.weight_hh_raw.detach()
-    grad = layer.weight_hh_raw.grad - grad_before_last
+    grad = layer.weight_hh_raw.grad
     assert (grad[mask == 0] == 0).all() and (grad[mask != 0] != 0).all()
     layer.weight_p = 0.0
     torch.testing.assert_close(run(layer, x), run(lstm_like(layer).cuda(), x))

@@ -1,0 +1,198 @@
+"""Ablation studies with real worker processes: scheduling, retries, MLflow/Optuna records, resume."""
+
+import os
+import signal
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from harness.ablation import Ablation, run_ablation
+from harness.bench import EqualTasks
+from harness.config import load_study
+from harness.scheduler import Scheduler, Slot, discover_slots
+from harness.tracking import Tracker
+
+from conftest import run_harness
+
+TINY = """
+[study]
+name = "tiny"
+corpus = "ptb"
+[fixed.model]
+emb_size = 16
+hidden_size = 16
+n_layers = 1
+[fixed.dropout]
+input = 0.3
+weight = 0.3
+[fixed.train]
+epochs = 2
+batch_size = 10
+eval_batch_size = 10
+test_batch_size = 80
+bptt = 20
+train_tokens = 3000
+valid_tokens = 1000
+threads = 1
+[variants.locked_only]
+[variants.weight_only]
+[search]
+input = [0.1, 0.5]
+weight = [0.1, 0.5]
+[budget]
+trials = {trials}
+pruner = "none"
+confirm_seeds = {seeds}
+max_retries = 1
+"""
+
+
+def tiny_study(tmp_path, trials=2, seeds="[]"):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY.format(trials=trials, seeds=seeds))
+    return load_study(path)
+
+
+def child_runs(uri, study_name):
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(study_name)
+    runs = client.search_runs([experiment.experiment_id], "tags.kind = 'run'", max_results=1000)
+    parents = client.search_runs([experiment.experiment_id], "tags.kind = 'variant'", max_results=1000)
+    return client, runs, parents
+
+
+def test_cpu_slots_divide_the_cores():
+    slots = discover_slots("cpu", 2)
+    assert [s.device for s in slots] == ["cpu", "cpu"] and all(s.threads >= 1 for s in slots)
+    assert len(discover_slots("cpu")) == os.cpu_count() or len(discover_slots("cpu")) >= 1
+
+
+def test_slots_are_exclusive_and_never_idle_while_work_remains(tmp_path):
+    source = EqualTasks(tiny_study(tmp_path).run_config("locked_only"), 5, tmp_path)
+    Scheduler([Slot(0, "cpu", 1), Slot(1, "cpu", 1)], tick_seconds=0.2).run(source)
+    running = {}
+    for t, kind, slot, key, left in source.events:
+        if kind == "start":
+            assert slot not in running, f"slot {slot} got {key} while running {running.get(slot)}"
+            running[slot] = (key, t)
+        else:
+            assert running.pop(slot)[0] == key
+    assert not running and sum(e[1] == "done" for e in source.events) == 5
+    # Each time a slot freed with tasks left, it started the next one at once.
+    for i, (t, kind, slot, key, left) in enumerate(source.events):
+        if kind == "done" and left:
+            nxt = next(e for e in source.events[i + 1:] if e[2] == slot)
+            assert nxt[1] == "start" and nxt[0] - t < 1.0
+
+
+def test_killed_worker_fails_only_its_trial_and_is_retried(tmp_path):
+    study = tiny_study(tmp_path, trials=2)
+    storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, study, {"study": study.name})
+    ablation = Ablation(study, storage, tracker, tmp_path / "runs", log=lambda *a: None)
+    scheduler = Scheduler([Slot(0, "cpu", 1), Slot(1, "cpu", 1)], tick_seconds=0.2)
+    killed = []
+    on_epoch = ablation.on_epoch
+
+    def kill_first_worker(task, epoch):
+        if not killed:
+            victim = next(r for r in scheduler.running.values() if r.task.key == task.key)
+            os.kill(victim.process.pid, signal.SIGKILL)
+            killed.append(task.key)
+        return on_epoch(task, epoch)
+
+    ablation.on_epoch = kill_first_worker
+    scheduler.run(ablation)
+    assert killed
+    variant = killed[0].split("/")[0]
+    trials = ablation.studies[variant]["search"].get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and "killed by signal 9" in failed[0].user_attrs["fail_reason"]
+    assert failed[0].user_attrs["retried"] is True
+    retry = next(t for t in trials if t.user_attrs.get("retry_of") == failed[0].number)
+    assert retry.state == TrialState.COMPLETE and retry.params == failed[0].params
+    for v in study.variants:  # the full budget, for the other variant too
+        done = [t for t in ablation.studies[v]["search"].get_trials() if t.state == TrialState.COMPLETE]
+        assert len(done) == 2
+    _, runs, _ = child_runs(uri, study.name)
+    states = sorted(r.data.tags["state"] for r in runs)
+    assert states == ["failed"] + ["finished"] * 4
+
+
+def test_smoke_study_records_every_run(smoke_run):
+    study = load_study(smoke_run.study)
+    client, runs, parents = child_runs(smoke_run.tracking_uri, study.name)
+    assert sorted(p.data.tags["variant"] for p in parents) == sorted(study.variants)
+    parent_ids = {p.info.run_id: p.data.tags["variant"] for p in parents}
+    seeds = list(study.budget.confirm_seeds)
+    for variant in study.variants:
+        mine = [r for r in runs if r.data.tags["variant"] == variant]
+        assert all(parent_ids[r.data.tags["mlflow.parentRunId"]] == variant for r in mine)
+        search = [r for r in mine if r.data.tags["phase"] == "search" and r.data.tags["state"] in ("finished", "pruned")]
+        expected = 1 if variant == "no_dropout" else study.budget.trials
+        assert len(search) == expected, variant
+        confirm = [r for r in mine if r.data.tags["phase"] == "confirm" and r.data.tags["state"] == "finished"]
+        assert sorted(int(r.data.tags["seed"]) for r in confirm) == seeds
+        for run in confirm:
+            tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+            assert {"git_commit", "corpus_md5", "device", "trial", "study_digest"} <= set(tags)
+            assert params["variant"] == variant and params["train.seed"] == tags["seed"]
+            history = client.get_metric_history(run.info.run_id, "val_ppl")
+            assert [m.step for m in history] == list(range(1, int(metrics["epochs"]) + 1))
+            assert metrics["best_val_ppl"] == pytest.approx(min(m.value for m in history))
+            assert "test_ppl" in metrics
+    for variant in study.variants:
+        search = optuna.load_study(study_name=f"smoke/{variant}/search", storage=smoke_run.storage)
+        first = search.trials[0]
+        if variant != "no_dropout":  # the paper's rates go first
+            assert first.params == {f"dropout.{s}": getattr(study.fixed.dropout, s)
+                                    for s in study.variants[variant].sites if s in study.search.rates}
+        for trial in search.trials:
+            if trial.state == TrialState.PRUNED:
+                run = client.get_run(trial.user_attrs["mlflow_run_id"])
+                assert run.data.tags["state"] == "pruned" and "test_ppl" not in run.data.metrics
+
+
+def test_resuming_a_finished_study_duplicates_nothing(smoke_run):
+    study = load_study(smoke_run.study)
+    _, before, _ = child_runs(smoke_run.tracking_uri, study.name)
+    proc = run_harness("ablate", smoke_run.study, "--storage", smoke_run.storage, "--tracking-uri",
+                       smoke_run.tracking_uri, "--devices", "cpu", "--trials-per-device", "2",
+                       "--runs-dir", smoke_run.workdir / "runs", cwd=smoke_run.workdir)
+    assert "start " not in proc.stdout
+    _, after, _ = child_runs(smoke_run.tracking_uri, study.name)
+    assert sorted(r.info.run_id for r in after) == sorted(r.info.run_id for r in before)
+
+
+def test_interrupted_study_resumes_without_duplicates(tmp_path):
+    study = tiny_study(tmp_path, trials=2, seeds="[1]")
+    storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    slots = [Slot(0, "cpu", 1), Slot(1, "cpu", 1)]
+    calls = []
+
+    def interrupt(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_ablation(study, storage=storage, tracking_uri=uri, slots=slots, runs_dir=tmp_path / "runs", log=interrupt)
+    run_ablation(study, storage=storage, tracking_uri=uri, slots=slots, runs_dir=tmp_path / "runs",
+                 log=lambda *a: None)
+    _, runs, _ = child_runs(uri, study.name)
+    finished = [(r.data.tags["variant"], r.data.tags["phase"], r.data.tags["trial"]) for r in runs
+                if r.data.tags["state"] == "finished"]
+    assert len(finished) == len(set(finished)) == 2 * 2 + 2 * 1
+    assert all(r.data.tags["state"] in ("finished", "interrupted") for r in runs)
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_other_study_file_under_the_same_name_is_refused(tmp_path, smoke_run):
+    changed = tmp_path / "smoke.toml"
+    changed.write_text(smoke_run.study.read_text().replace("trials = 3", "trials = 4"))
+    proc = run_harness("ablate", changed, "--storage", smoke_run.storage, "--tracking-uri", smoke_run.tracking_uri,
+                       "--devices", "cpu", cwd=smoke_run.workdir, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "different version of" in proc.stderr and "new study.name" in proc.stderr

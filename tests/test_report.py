@@ -1,0 +1,318 @@
+"""The report of the smoke study: its numbers equal what MLflow holds, in the CSV and in a real browser; partial
+studies say what is missing; logged strings are escaped; a study that never ran is a clear error.
+
+Run: .venv/bin/python -m pytest -q tests/test_report.py   (needs /usr/bin/chromium; AWD_SKIP_BROWSER=1 skips it)
+"""
+
+import asyncio
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import aiohttp
+import optuna
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from harness.cli import build_parser
+from harness.config import load_study, parse_overrides
+from harness.errors import UserError
+from harness.report import build_report, compare, param_importances, read_logs, render_html, rerun_commands, summarize
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+NASTY = "<script>alert('x')</script> & \"quotes\""
+
+
+@pytest.fixture(scope="module")
+def smoke_study(smoke_run):
+    return load_study(smoke_run.study)
+
+
+@pytest.fixture(scope="module")
+def report(smoke_run, smoke_study, tmp_path_factory) -> Path:
+    """The smoke study's report, built once for this module."""
+    return build_report(smoke_study, smoke_run.tracking_uri, smoke_run.storage, tmp_path_factory.mktemp("reports"))
+
+
+def logged_summaries(smoke_run) -> dict:
+    """Per variant, the parent run's summary metrics and the child runs' summed seconds, straight from MLflow."""
+    client = MlflowClient(smoke_run.tracking_uri)
+    experiment = client.get_experiment_by_name("smoke")
+    out = {}
+    for run in client.search_runs([experiment.experiment_id], "tags.kind = 'variant'"):
+        out[run.data.tags["variant"]] = dict(run.data.metrics, seconds=0.0)
+    for run in client.search_runs([experiment.experiment_id], "tags.kind = 'run'", max_results=1000):
+        out[run.data.tags["variant"]]["seconds"] += run.data.metrics.get("seconds", 0.0)
+    return out
+
+
+def test_csv_holds_the_logged_numbers(smoke_run, report):
+    assert report.name == "index.html" and report.parent.name == "smoke"
+    table = pd.read_csv(report.parent / "results.csv").set_index("variant")
+    logged = logged_summaries(smoke_run)
+    assert set(table.index) == set(logged) == {"no_dropout", "locked_only", "awd"}
+    for variant, metrics in logged.items():
+        row = table.loc[variant]
+        assert row.search_best_val_ppl == pytest.approx(metrics["search_best_val_ppl"], rel=1e-12)
+        assert row.test_ppl_mean == pytest.approx(metrics["confirm_test_ppl_mean"], rel=1e-12)
+        assert row.test_ppl_sd == pytest.approx(metrics["confirm_test_ppl_sd"], rel=1e-12)
+        assert row.confirm_seeds == metrics["confirm_seeds"]
+        assert row.device_hours == pytest.approx(metrics["seconds"] / 3600, rel=1e-9)
+        assert row.test_ppl_ci_low <= row.test_ppl_mean <= row.test_ppl_ci_high
+    assert table.reference.to_dict() == {"awd": True, "locked_only": False, "no_dropout": False}
+    # Two paired seeds can never give p < 0.05 without a normality assumption: no p-value, a reason instead.
+    assert table.p_value.isna().all()
+    assert table.loc["locked_only"].p_note.startswith("not tested: 2 vs 2 paired seeds")
+    assert table.loc["no_dropout", "trials_run"] == 1  # nothing to search: one trial, not the budget
+
+
+def test_page_is_self_contained_and_says_the_study_is_complete(report):
+    page = report.read_text()
+    assert "Complete: every variant" in page and "Partial report" not in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    for heading in ("Headline", "Test perplexity over seeds", "Isolation", "Learning curves", "Sensitivity",
+                    "Parameter importances", "Expected best", "The dropout masks", "Reproducibility"):
+        assert heading in page
+    assert "too few for parameter importances" in page  # 3 trials per variant
+    assert "python -m harness report " in page and "python -m harness train " in page
+
+
+# --- in a real browser ------------------------------------------------------------------------------
+class DevTools:
+    """A minimal Chrome DevTools Protocol client over one websocket: commands, events, errors seen."""
+
+    def __init__(self, ws):
+        self.ws, self.next_id, self.events = ws, 0, []
+
+    async def _receive(self) -> dict:
+        message = json.loads((await self.ws.receive(timeout=30)).data)
+        if "method" in message:
+            self.events.append(message)
+        return message
+
+    async def call(self, method: str, session: str | None = None, **params) -> dict:
+        self.next_id += 1
+        await self.ws.send_json({"id": self.next_id, "method": method, "params": params,
+                                 **({"sessionId": session} if session else {})})
+        while True:
+            message = await self._receive()
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+
+    async def wait_for(self, method: str) -> None:
+        while not any(e["method"] == method for e in self.events):
+            await self._receive()
+
+    def errors(self) -> list:
+        """Console errors, uncaught exceptions and browser log errors (failed loads among them)."""
+        found = []
+        for e in self.events:
+            params = e.get("params", {})
+            if e["method"] == "Runtime.exceptionThrown":
+                found.append(params["exceptionDetails"].get("text"))
+            elif e["method"] == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
+                found.append(params["args"])
+            elif e["method"] == "Log.entryAdded" and params["entry"]["level"] == "error":
+                found.append(params["entry"]["text"])
+        return found
+
+
+PAGE_FACTS = """(async () => {
+  const images = [...document.images];
+  const undecodable = [];
+  await Promise.all(images.map(i => i.decode().catch(() => undecodable.push(i.alt))));
+  return {
+    images: images.length,
+    broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),
+    undecodable,
+    fetched: performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith('data:')),
+    rows: [...document.querySelectorAll('#headline tbody tr')].map(tr => ({
+      variant: tr.dataset.variant,
+      cells: Object.fromEntries([...tr.querySelectorAll('[data-col]')].map(c => [c.dataset.col, c.innerText.trim()])),
+    })),
+    status: document.querySelector('.status').innerText,
+  };
+})()"""
+
+
+async def inspect_in_chromium(page: Path, profile: Path) -> tuple[dict, list]:
+    """Open the page in headless Chromium over DevTools; the page's facts and the errors the browser saw."""
+    browser = subprocess.Popen([str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                                "--remote-debugging-port=0", "about:blank"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 30
+        while not (port_file.exists() and len(port_file.read_text().split()) == 2):
+            assert browser.poll() is None, f"{CHROMIUM} exited with {browser.returncode}"
+            assert time.monotonic() < deadline, "Chromium did not open its DevTools port within 30 s"
+            await asyncio.sleep(0.05)
+        port, path = port_file.read_text().split()
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"ws://127.0.0.1:{port}{path}",
+                                                                     max_msg_size=0) as ws:
+            tools = DevTools(ws)
+            target = await tools.call("Target.createTarget", url="about:blank")
+            attached = await tools.call("Target.attachToTarget", targetId=target["targetId"], flatten=True)
+            session = attached["sessionId"]
+            for domain in ("Page", "Runtime", "Log"):
+                await tools.call(f"{domain}.enable", session)
+            await tools.call("Page.navigate", session, url=page.as_uri())
+            await tools.wait_for("Page.loadEventFired")
+            facts = await tools.call("Runtime.evaluate", session, expression=PAGE_FACTS, awaitPromise=True,
+                                     returnByValue=True)
+            return facts["result"]["value"], tools.errors()
+    finally:
+        browser.terminate()
+        browser.wait(timeout=30)
+
+
+def test_report_in_headless_chromium(smoke_run, report, tmp_path):
+    if os.environ.get("AWD_SKIP_BROWSER") == "1":
+        pytest.skip("AWD_SKIP_BROWSER=1")
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install it (apt-get install -y chromium) or set AWD_SKIP_BROWSER=1")
+    facts, errors = asyncio.run(inspect_in_chromium(report, tmp_path / "profile"))
+    assert errors == []
+    assert facts["images"] >= 10  # five plots and five mask diagrams
+    assert facts["broken"] == [] and facts["undecodable"] == []
+    assert facts["fetched"] == []  # nothing loaded from disk or network
+    assert facts["status"].startswith("Complete")
+    logged = logged_summaries(smoke_run)
+    shown = {row["variant"]: row["cells"] for row in facts["rows"]}
+    assert list(shown) == sorted(logged, key=lambda v: logged[v]["confirm_test_ppl_mean"])  # best first
+    for variant, metrics in logged.items():
+        cells = shown[variant]
+        assert cells["search_best_val_ppl"] == f"{metrics['search_best_val_ppl']:.2f}"
+        assert cells["test_ppl_mean"] == f"{metrics['confirm_test_ppl_mean']:.2f}"
+        assert cells["test_ppl_sd"] == f"± {metrics['confirm_test_ppl_sd']:.2f}"
+        assert cells["seeds"] == f"{metrics['confirm_seeds']:.0f} of 2"
+        assert cells["device_hours"] == f"{metrics['seconds'] / 3600:.3f}"
+        if variant == "awd":
+            assert cells["diff"] == "reference"
+        else:
+            diff = metrics["confirm_test_ppl_mean"] - logged["awd"]["confirm_test_ppl_mean"]
+            assert cells["diff"].splitlines()[0] == f"{diff:+.2f}"
+            assert cells["p"].startswith("not tested")
+
+
+# --- what the page says about itself ----------------------------------------------------------------
+def test_rerun_commands_rebuild_the_logged_configs(smoke_run, smoke_study):
+    result = summarize(read_logs(smoke_study, smoke_run.tracking_uri, smoke_run.storage))
+    commands = rerun_commands(result)
+    runs = result.log.runs
+    confirmed = runs[(runs.phase == "confirm") & (runs.state == "finished")]
+    assert len(commands) == len(confirmed) == 6
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command)[3:])
+        config = load_study(args.study).run_config(args.variant, parse_overrides(args.set))
+        logged = confirmed[(confirmed.variant == args.variant) & (confirmed.seed == config.train.seed)]
+        assert {k: str(v) for k, v in config.flat().items()} == logged.iloc[0].params
+
+
+def copy_stores(smoke_run, folder: Path) -> tuple[str, str]:
+    """A private copy of the smoke study's MLflow and Optuna databases, to doctor."""
+    for name in ("mlflow.db", "optuna.db"):
+        shutil.copy(smoke_run.workdir / name, folder / name)
+    return f"sqlite:///{folder / 'mlflow.db'}", f"sqlite:///{folder / 'optuna.db'}"
+
+
+def test_partial_study_says_what_is_missing(smoke_run, smoke_study, tmp_path):
+    uri, storage = copy_stores(smoke_run, tmp_path)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("smoke")
+    children = client.search_runs([experiment.experiment_id], "tags.kind = 'run'", max_results=1000)
+    failed = next(r for r in children if r.data.tags["variant"] == "awd" and r.data.tags.get("phase") == "confirm"
+                  and r.data.tags["seed"] == "2")
+    client.set_tag(failed.info.run_id, "state", "failed")
+    client.set_tag(failed.info.run_id, "fail_reason", f"Traceback ...\nRuntimeError: {NASTY}")
+    for run in children:  # no_dropout has not begun: its runs and Optuna studies are gone
+        if run.data.tags["variant"] == "no_dropout":
+            client.delete_run(run.info.run_id)
+    for phase in ("search", "confirm"):
+        optuna.delete_study(study_name=f"smoke/no_dropout/{phase}", storage=storage)
+    client.create_run(experiment.experiment_id, run_name="locked_only search #3", tags={
+        "kind": "run", "variant": "locked_only", "phase": "search", "trial": "3", "state": "running"})
+
+    page = build_report(smoke_study, uri, storage, tmp_path / "reports")
+    text = page.read_text()
+    assert "Partial report" in text
+    assert "no_dropout: no search has started." in text
+    assert ("awd: confirmation seed 2 has no finished run (failed: RuntimeError: "
+            "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &quot;quotes&quot;)") in text
+    assert "locked_only search #3&#x27; is still running" in text
+    assert "<script" not in text
+    table = pd.read_csv(page.parent / "results.csv").set_index("variant")
+    assert table.loc["awd", "confirm_seeds"] == 1
+    assert pd.isna(table.loc["no_dropout", "search_best_val_ppl"])
+    assert table.loc["locked_only", "p_note"] == "2 vs 1 seeds: a CI or a test needs at least 2 on each side"
+
+
+def _rename(frame: pd.DataFrame, names: dict) -> pd.DataFrame:
+    return frame.assign(variant=frame.variant.map(names))
+
+
+def test_strings_from_the_study_file_and_runs_are_escaped(smoke_run, smoke_study):
+    log = read_logs(smoke_study, smoke_run.tracking_uri, smoke_run.storage)
+    names = {v: f"<img src=x onerror=alert('{v}')>" for v in smoke_study.variants}
+    names["awd"] = "awd"  # keep the reference
+    study = dataclasses.replace(
+        smoke_study, notes=NASTY,
+        variants={names[k]: dataclasses.replace(v, name=names[k], description=NASTY)
+                  for k, v in smoke_study.variants.items()},
+    )
+    runs = _rename(log.runs, names)
+    runs.loc[runs.index[0], ["state", "fail_reason", "device"]] = ["failed", NASTY, NASTY]
+    log = dataclasses.replace(
+        log, study=study, runs=runs, curves=_rename(log.curves, names), trials=_rename(log.trials, names),
+        counts={names[k]: v for k, v in log.counts.items()},
+        importances={names[k]: v for k, v in log.importances.items()},
+    )
+    page = render_html(summarize(log))
+    assert "<script" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &quot;quotes&quot;" in page
+    assert "&lt;img src=x onerror=alert(&#x27;locked_only&#x27;)&gt;" in page
+
+
+def test_a_study_that_never_ran_is_a_user_error(smoke_run, tmp_path):
+    study = load_study(smoke_run.study)
+    unknown = dataclasses.replace(study, name="never-ran")
+    with pytest.raises(UserError, match="has no MLflow experiment 'never-ran': run the study first: "
+                                        "python -m harness ablate .*smoke.toml --tracking-uri"):
+        build_report(unknown, smoke_run.tracking_uri, smoke_run.storage, tmp_path)
+    with pytest.raises(UserError, match="no MLflow tracking store at .*nothing.db: run the study first"):
+        build_report(study, f"sqlite:///{tmp_path / 'nothing.db'}", smoke_run.storage, tmp_path)
+    assert not (tmp_path / "nothing.db").exists()
+
+
+# --- the pieces ---------------------------------------------------------------------------------------
+def test_compare_pairs_matching_seeds_and_uses_welch_otherwise():
+    a = {s: 100.0 + s + 0.1 * (s % 2) for s in range(1, 7)}
+    b = {s: 101.0 + s for s in range(1, 7)}
+    paired = compare(a, b)
+    assert paired.test == "paired t" and paired.p < 1e-4 and paired.diff == pytest.approx(-0.95)
+    assert paired.diff_ci[0] <= paired.diff <= paired.diff_ci[1] < 0
+    welch = compare(a, {s: v for s, v in b.items() if s != 6} | {7: 108.0})
+    assert welch.test == "Welch t" and 0.05 < welch.p < 1  # unpaired, the seeds' spread hides the difference
+    few = compare({1: 1.0, 2: 2.0, 3: 3.0}, {1: 2.0, 2: 3.0, 3: 4.5})
+    assert few.p is None
+    assert few.note == "not tested: 3 vs 3 paired seeds (smallest possible p 0.25; needs 6 per variant)"
+
+
+def test_param_importances_need_enough_finished_trials():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    objective = lambda t: 10 * t.suggest_float("dropout.input", 0, 1) + 0.1 * t.suggest_float("dropout.hidden", 0, 1)
+    study.optimize(objective, n_trials=3)
+    assert param_importances(study).startswith("3 finished search trials: too few")
+    study.optimize(objective, n_trials=17)
+    importances = param_importances(study)
+    assert max(importances, key=importances.get) == "dropout.input"
+    assert sum(importances.values()) == pytest.approx(1.0)

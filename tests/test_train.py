@@ -1,0 +1,149 @@
+"""The training recipe: NT-ASGD trigger, variable-BPTT lr scaling, resume, divergence, checkpoints."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.config import DropoutConfig, ModelConfig, RunConfig, TrainConfig
+from harness.data import Corpus, load_corpus
+from harness.errors import UserError
+from harness.model import AWDLSTM
+from harness.train import TrainingDiverged, _Optimizer, train_model
+
+AWD = DropoutConfig(embedding=0.1, input=0.3, hidden=0.2, output=0.3, weight=0.4)
+
+
+def tiny_corpus(n_train=3000, vocab=40) -> Corpus:
+    """A synthetic corpus with structure to learn: a noisy cycle through the vocabulary."""
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        base = torch.arange(n) % vocab
+        noise = torch.randint(vocab, (n,), generator=g)
+        return torch.where(torch.rand(n, generator=g) < 0.2, noise, base)
+
+    md5 = {"train": "t", "valid": "v", "test": "s"}
+    return Corpus("tiny", Path("."), tuple(map(str, range(vocab))), split(n_train), split(600), split(600), md5, {})
+
+
+def config(**train) -> RunConfig:
+    settings = dict(epochs=3, batch_size=4, eval_batch_size=4, test_batch_size=4, bptt=10, lr=5.0, seed=3)
+    return RunConfig("tiny", "awd", ModelConfig(16, 24, 2), AWD, TrainConfig(**{**settings, **train}))
+
+
+def test_nt_asgd_trigger_follows_the_reference_code():
+    opt = _Optimizer(AWDLSTM(10, ModelConfig(4, 4, 1), DropoutConfig()), config(nonmono=2))
+    opt.history = [5.0, 4.0, 3.0]
+    assert not opt.should_trigger(3.5)  # better than min(history[:-2]) = 5.0
+    assert opt.should_trigger(5.5)
+    opt.history = [5.0, 4.0]
+    assert not opt.should_trigger(9.0)  # needs more than nonmono logged epochs
+    opt.history = [5.0, 4.0, 3.0]
+    sgd_only = _Optimizer(AWDLSTM(10, ModelConfig(4, 4, 1), DropoutConfig()), config(nonmono=2, optimizer="sgd"))
+    sgd_only.history = opt.history
+    assert not sgd_only.should_trigger(9.0)
+
+
+def test_averaging_covers_every_parameter_and_evaluates_averaged_weights():
+    model = AWDLSTM(10, ModelConfig(4, 4, 2), DropoutConfig())
+    opt = _Optimizer(model, config())
+    opt.start_averaging()
+    assert isinstance(opt.opt, torch.optim.ASGD)
+    assert {id(p) for g in opt.opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+    model(torch.randint(10, (3, 2)))[0].sum().backward()
+    opt.opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    with opt.averaged_weights():
+        for p in model.parameters():
+            torch.testing.assert_close(p.detach(), opt.opt.state[p]["ax"])
+    for p, own in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), own)
+
+
+def test_lr_scales_with_sequence_length(monkeypatch):
+    seen = []
+    real_step = torch.optim.SGD.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    lengths = []
+    real_forward = AWDLSTM.forward
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    monkeypatch.setattr(AWDLSTM, "forward", lambda self, x, s=None: lengths.append(x.size(0)) or real_forward(self, x, s))
+    train_model(config(epochs=1, lr=4.0), tiny_corpus(), progress=False)
+    train_lengths = lengths[: len(seen)]
+    assert len(set(train_lengths)) > 1, "variable BPTT drew one length only"
+    assert seen == pytest.approx([4.0 * n / 10 for n in train_lengths])
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    corpus = tiny_corpus()
+    whole = train_model(config(epochs=3), corpus, checkpoint_dir=tmp_path / "a", progress=False)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt_after_first(e):
+        if e.epoch == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_model(config(epochs=3), corpus, checkpoint_dir=tmp_path / "b", on_epoch=interrupt_after_first,
+                    progress=False)
+    resumed = train_model(config(epochs=3), corpus, checkpoint_dir=tmp_path / "b", progress=False)
+    assert [e.val_loss for e in resumed.epochs] == [e.val_loss for e in whole.epochs]
+    assert resumed.test_loss == whole.test_loss
+
+
+def test_resume_refuses_another_config(tmp_path):
+    train_model(config(epochs=1), tiny_corpus(), checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(UserError, match=r"train.lr 5.0 -> 2.0.*--fresh"):
+        train_model(config(epochs=1, lr=2.0), tiny_corpus(), checkpoint_dir=tmp_path, progress=False)
+
+
+def test_checkpoint_is_state_dict_config_and_metrics(tmp_path):
+    result = train_model(config(epochs=2), tiny_corpus(), checkpoint_dir=tmp_path, progress=False)
+    best = torch.load(result.checkpoint, weights_only=True)
+    assert set(best) == {"model", "config", "metrics"}
+    assert best["config"] == config(epochs=2).to_dict()
+    assert best["metrics"]["epoch"] == result.best_epoch
+    assert best["metrics"]["val_ppl"] == pytest.approx(result.best_val_ppl)
+    model = AWDLSTM(40, ModelConfig(16, 24, 2), AWD)
+    model.load_state_dict(best["model"])
+
+
+def test_divergence_stops_with_the_reason():
+    with pytest.raises(TrainingDiverged, match=r"train loss became (nan|inf) at epoch 1.*lower train.lr"):
+        train_model(config(lr=1e38, clip=0.0), tiny_corpus(), progress=False)
+
+
+def test_callback_sees_every_epoch_and_can_stop_the_run():
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def on_epoch(e):
+        seen.append(e)
+        if e.epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_model(config(epochs=5), tiny_corpus(), on_epoch=on_epoch, progress=False)
+    assert [e.epoch for e in seen] == [1, 2]
+    assert all(e.tokens_per_s > 0 and e.epoch_seconds > 0 and math.isfinite(e.val_ppl) for e in seen)
+
+
+def test_short_real_ptb_run_lowers_validation_perplexity():
+    corpus = load_corpus("ptb")
+    run = RunConfig("ptb", "awd", ModelConfig(32, 64, 2), AWD, TrainConfig(
+        epochs=3, batch_size=10, eval_batch_size=10, test_batch_size=10, bptt=20, lr=20.0, seed=1,
+        train_tokens=15000, valid_tokens=3000, threads=1))
+    result = train_model(run, corpus, progress=False)
+    val = [e.val_ppl for e in result.epochs]
+    assert val[-1] < val[0] < corpus.vocab_size, val
+    assert math.isfinite(result.test_ppl) and result.test_ppl < corpus.vocab_size
