@@ -23,7 +23,7 @@ from harness.errors import UserError
 from harness.scheduler import Outcome, Scheduler, Slot, Task, describe_slots
 from harness.search import (
     CONFIRM, SEARCH, best_params, counts, fail_interrupted, fail_trial, open_study, optuna_name, search_space,
-    settled,
+    settled, trials_for,
 )
 from harness.tracking import Tracker
 
@@ -67,6 +67,7 @@ class Ablation:
             for v in self.variants
         }
         self.live: dict[str, _Live] = {}
+        self.device_names: dict[str, str] = {}
         self.durations: list[float] = []
         self.stopping = False
         self.n_slots = 1
@@ -74,17 +75,13 @@ class Ablation:
         self.last_summary = time.monotonic()
 
     # --- what runs next -------------------------------------------------------------------------------
-    def trials_for(self, variant: str) -> int:
-        """The search budget; a variant with nothing to search needs one trial, not N identical ones."""
-        return self.study.budget.trials if search_space(self.study, variant) else 1
-
     def _search_left(self, variant: str) -> int:
         c = counts(self.studies[variant][SEARCH])
-        return self.trials_for(variant) - settled(c) - c["running"]
+        return trials_for(self.study, variant) - settled(c) - c["running"]
 
     def search_settled(self, variant: str) -> bool:
         c = counts(self.studies[variant][SEARCH])
-        return settled(c) >= self.trials_for(variant) and c["running"] == 0
+        return settled(c) >= trials_for(self.study, variant) and c["running"] == 0
 
     def _enqueue_confirmation(self, variant: str) -> None:
         confirm = self.studies[variant][CONFIRM]
@@ -125,6 +122,7 @@ class Ablation:
         name = f"{variant} {phase} #{trial.number}" + (f" seed {seed}" if phase == CONFIRM else "")
         run_id = self.tracker.start_run(config, name, {
             "phase": phase, "trial": trial.number, "seed": seed, "device": slot.device,
+            "device_name": self.device_names.setdefault(slot.device, device_name(slot.device)),
             "attempt": attrs.get("attempt", 1), "optuna_study": optuna_name(self.study, variant, phase),
             **({"retry_of": attrs["retry_of"]} if "retry_of" in attrs else {}),
         })
@@ -227,7 +225,7 @@ class Ablation:
             seeds = len(self.study.budget.confirm_seeds)
             lines.append(
                 f"  {v:<18} {s['finished']:>3} / {s['pruned']:>3} / {s['failed'] + s['retried']:>3} / {s['running']:>2}"
-                f" of {self.trials_for(v):<17} {best[1] if best else float('nan'):>12.2f}   "
+                f" of {trials_for(self.study, v):<17} {best[1] if best else float('nan'):>12.2f}   "
                 f"{c['finished']}/{seeds}" + (f" ({c['running']} running)" if c["running"] else "")
             )
         left = self.remaining()
@@ -272,7 +270,7 @@ def run_ablation(study: StudyConfig, *, storage: str, tracking_uri: str, slots: 
         md5 = ",".join(f"{split}={digest}" for split, digest in sorted(corpus.md5.items()))
         tracker = Tracker(tracking_uri, study, {
             "study": study.name, "study_digest": study.digest, "git_commit": git_commit(), "corpus": corpus.name,
-            "corpus_md5": md5,
+            "corpus_md5": md5, "versions": package_versions(),
         })
         ablation = Ablation(study, storage, tracker, runs_dir, log)
         stale = sum(len(fail_interrupted(ablation.studies[v][p], study.budget.max_retries))

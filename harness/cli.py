@@ -1,4 +1,4 @@
-"""Command line: `python -m harness COMMAND ...` (train, ablate, bench, data fetch).
+"""Command line: `python -m harness COMMAND ...` (train, ablate, report, masks, bench, data fetch).
 
 User mistakes surface as one line on stderr and a non-zero exit code, never a traceback.
 """
@@ -10,7 +10,8 @@ from pathlib import Path
 
 from harness.errors import UserError
 
-ABLATE_DEFAULTS = {"storage": "sqlite:///optuna.db", "tracking_uri": "sqlite:///mlflow.db", "runs_dir": "runs"}
+ABLATE_DEFAULTS = {"storage": "sqlite:///optuna.db", "tracking_uri": "sqlite:///mlflow.db", "runs_dir": "runs",
+                   "reports_dir": "reports"}
 
 
 def _device(name: str) -> str:
@@ -74,14 +75,36 @@ def cmd_ablate(args) -> int:
               f"  python -m harness ablate {args.study}" + "".join(f" {a}" for a in _resume_flags(args)),
               file=sys.stderr)
         return 130
-    print(f"results: MLflow {args.tracking_uri} (browse: make ui), Optuna {args.storage}, "
-          f"checkpoints {Path(args.runs_dir) / study.name}")
+    from harness.report import build_report
+
+    report = build_report(study, args.tracking_uri, args.storage, Path(args.reports_dir))
+    print(f"results:\n  report      {report}\n  MLflow      {args.tracking_uri} (browse: make ui)\n"
+          f"  Optuna      {args.storage}\n  checkpoints {Path(args.runs_dir) / study.name}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Rebuild a study's HTML report from what MLflow and Optuna hold."""
+    from harness.config import load_study
+    from harness.report import build_report
+
+    path = build_report(load_study(args.study), args.tracking_uri, args.storage, Path(args.out))
+    print(f"report written: {path} (and {path.with_name('results.csv')})")
+    return 0
+
+
+def cmd_masks(args) -> int:
+    """Draw the mask diagrams from the real dropout modules."""
+    from harness.masks import write_mask_figures
+
+    for path in write_mask_figures(Path(args.out)):
+        print(path)
     return 0
 
 
 def _resume_flags(args) -> list:
     flags = []
-    for name in ("storage", "tracking_uri", "devices", "trials_per_device", "runs_dir"):
+    for name in ("storage", "tracking_uri", "devices", "trials_per_device", "runs_dir", "reports_dir"):
         value = getattr(args, name)
         if value is not None and value != ABLATE_DEFAULTS.get(name):
             flags.append(f"--{name.replace('_', '-')} {value}")
@@ -157,7 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", help="cpu, cuda or cuda:0,cuda:1 (default: every visible GPU, else the CPU)")
     p.add_argument("--trials-per-device", type=int, help="trials at once per GPU, or the number of CPU workers")
     p.add_argument("--runs-dir", default=ABLATE_DEFAULTS["runs_dir"], help="checkpoint folder")
+    p.add_argument("--reports-dir", default=ABLATE_DEFAULTS["reports_dir"], help="where the HTML report goes")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("report", help="rebuild a study's HTML report from MLflow and Optuna")
+    p.add_argument("study", help="study file")
+    p.add_argument("--storage", default=ABLATE_DEFAULTS["storage"], help="Optuna storage URL")
+    p.add_argument("--tracking-uri", default=ABLATE_DEFAULTS["tracking_uri"], help="MLflow tracking URI")
+    p.add_argument("--out", default=ABLATE_DEFAULTS["reports_dir"], help="reports folder")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("masks", help="draw the dropout mask diagrams from the real modules")
+    p.add_argument("--out", default="reports/masks", help="folder for the PNG files")
+    p.set_defaults(func=cmd_masks)
 
     p = sub.add_parser("bench", help="training throughput vs a plain nn.LSTM stack")
     p.add_argument("--sizes", default="paper,cpu", help="comma list of paper, cpu")

@@ -9,6 +9,8 @@ import math
 
 import torch
 from torch import Tensor, _VF, nn
+from torch.backends import cudnn
+from torch.backends.cudnn import rnn as cudnn_rnn
 
 HIDDEN_MODES = ("locked", "naive", "timestep", "naive_recurrent")
 
@@ -177,10 +179,8 @@ class WeightDropLSTM(nn.Module):
         with torch.no_grad():
             slot = self.weight_hh_raw.detach().clone()
             weights = [self.weight_ih, slot, self.bias_ih, self.bias_hh]
-            if self.weight_ih.is_cuda and torch._use_cudnn_rnn_flatten_weight():
-                import torch.backends.cudnn.rnn as cudnn_rnn
-
-                # Allocates the buffer in cuDNN's layout and set_()s every given tensor into it.
+            if cudnn.is_acceptable(self.weight_ih) and torch._use_cudnn_rnn_flatten_weight():
+                # As nn.RNNBase.flatten_parameters does: allocates the buffer in cuDNN's layout and set_()s every given tensor into it.
                 torch._cudnn_rnn_flatten_weight(
                     weights, 4, self.input_size, cudnn_rnn.get_cudnn_mode("LSTM"),
                     self.hidden_size, 0, 1, False, False,

@@ -10,10 +10,8 @@ report that says what is missing. Writes <out>/<study>/index.html and results.cs
 import datetime
 import html
 import math
-import platform
 import shlex
 from dataclasses import dataclass, replace
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +30,15 @@ from harness import stats
 from harness.config import SITES, StudyConfig
 from harness.errors import UserError
 from harness.masks import embed_png, mask_figures_html
-from harness.search import CONFIRM, DIGEST_ATTR, SEARCH, counts, optuna_name, search_space, settled
+from harness.search import CONFIRM, DIGEST_ATTR, SEARCH, counts, optuna_name, search_space, settled, trials_for
 from harness.tracking import RESULT_METRICS
 
 REFERENCE = "awd"
 GREY, GAP = "#5c6a78", "#e4572e"
 ALPHA = 0.05
 MIN_IMPORTANCE_TRIALS = 5  # a random forest fit to fewer finished trials reports mostly noise
-PACKAGES = ("torch", "optuna", "mlflow", "numpy", "scipy", "pandas", "matplotlib", "seaborn")
 RUN_COLUMNS = ("run_id", "name", "variant", "phase", "trial", "seed", "attempt", "state", "fail_reason", "device",
-               "git_commit", "corpus", "corpus_md5", "end_time", "params", *RESULT_METRICS)
+               "device_name", "versions", "git_commit", "corpus", "corpus_md5", "end_time", "params", *RESULT_METRICS)
 CURVE_COLUMNS = ("variant", "seed", "epoch", "train_ppl", "val_ppl")
 TRIAL_COLUMNS = ("variant", "number", "state", "value", "best_seen", "params")
 
@@ -86,6 +83,7 @@ def _child_runs(client: MlflowClient, experiment_id: str) -> pd.DataFrame:
                 "phase": tags.get("phase", ""), "trial": _int(tags.get("trial")), "seed": _int(tags.get("seed")),
                 "attempt": _int(tags.get("attempt")), "state": tags.get("state", "running"),
                 "fail_reason": tags.get("fail_reason", ""), "device": tags.get("device", ""),
+                "device_name": tags.get("device_name", ""), "versions": tags.get("versions", ""),
                 "git_commit": tags.get("git_commit", ""), "corpus": tags.get("corpus", ""),
                 "corpus_md5": tags.get("corpus_md5", ""), "end_time": run.info.end_time or 0,
                 "params": dict(run.data.params), **{k: metrics.get(k, np.nan) for k in RESULT_METRICS},
@@ -227,11 +225,6 @@ class StudyResult:
     reference: str
     reference_note: str
     missing: list  # sentences; empty when the study is complete
-
-
-def trials_for(study: StudyConfig, variant: str) -> int:
-    """The variant's search budget, as the ablation spends it: one trial when nothing is searched."""
-    return study.budget.trials if search_space(study, variant) else 1
 
 
 def seeds_needed(paired: bool) -> int:
@@ -701,9 +694,9 @@ def _counted(series: pd.Series) -> str:
 
 def _reproducibility(result: StudyResult, out_dir: Path) -> str:
     log, study, runs = result.log, result.log.study, result.log.runs
-    hours = runs.groupby("device").seconds.sum() / 3600
-    devices = ", ".join(f"<code>{_esc(d)}</code> ({h:.3f} h)" for d, h in hours.items() if d) or "not logged"
-    versions = ", ".join(f"{p} {_version(p)}" for p in PACKAGES)
+    named = runs.device + runs.device_name.map(lambda n: f" ({n})" if n else "")
+    hours = runs.seconds.groupby(named).sum() / 3600
+    devices = ", ".join(f"<code>{_esc(d)}</code>: {h:.3f} h" for d, h in hours.items() if d) or "not logged"
     commit = _counted(runs.git_commit)
     if runs.git_commit.str.endswith("-dirty").any():
         commit += ('<br><span class="note">-dirty: the checkout had uncommitted changes, so the commit alone does not '
@@ -720,8 +713,7 @@ def _reproducibility(result: StudyResult, out_dir: Path) -> str:
 <tr><th>git commit</th><td>{commit}</td></tr>
 <tr><th>corpus</th><td>{_counted(runs.corpus)}; MD5 {_counted(runs.corpus_md5)}</td></tr>
 <tr><th>devices</th><td>{devices}</td></tr>
-<tr><th>packages</th><td>Python {_esc(platform.python_version())}, {_esc(versions)}<br>
-<span class="note">of the environment that built this report: the runs do not log theirs.</span></td></tr>
+<tr><th>packages</th><td>{_counted(runs.versions)}</td></tr>
 </tbody></table>
 <h3>Rebuild this report</h3><pre>{_esc(rebuild)}</pre>
 <h3>Re-run a row</h3><p class="small">One command per confirmation run (add <code>--device cuda</code> on a GPU); the
@@ -733,13 +725,6 @@ confirmation run where there is one; its seed aside). Highlighted rows differ be
 {_configs_table(result)}
 <details open><summary>The study file, <code>{_esc(study.path)}</code></summary>
 <pre>{_esc(study.text)}</pre></details>"""
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 STYLE = """

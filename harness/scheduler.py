@@ -72,6 +72,21 @@ def _cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def device_name(device: str) -> str:
+    """What a slot's device is, for the record: the GPU's name, or the CPU model."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor() or "cpu"
+
+
 def discover_slots(devices: str | None = None, per_device: int | None = None) -> list[Slot]:
     """GPUs visible to this process (CUDA_VISIBLE_DEVICES respected), else CPU workers sharing the cores.
 

@@ -40,6 +40,11 @@ def search_space(study: StudyConfig, variant: str) -> dict:
     return space
 
 
+def trials_for(study: StudyConfig, variant: str) -> int:
+    """The search budget of a variant; one trial when it has nothing to search, not N identical ones."""
+    return study.budget.trials if search_space(study, variant) else 1
+
+
 def default_params(study: StudyConfig, variant: str) -> dict:
     """The fixed (paper) values of the searched parameters, clipped into their ranges."""
     values = {f"dropout.{s}": getattr(study.fixed.dropout, s) for s in SITES}

@@ -8,7 +8,9 @@ git commit, corpus MD5 and state (running, finished, pruned, failed + reason).
 
 import json
 import logging
+import platform
 import time
+from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -25,6 +27,20 @@ logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 MLFLOW_STATUS = {"finished": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+
+
+VERSIONED_PACKAGES = ("torch", "optuna", "mlflow", "numpy", "scipy", "pandas", "matplotlib", "seaborn")
+
+
+def package_versions() -> str:
+    """'python 3.11.7, torch 2.13.0, ...' of this environment, logged as a tag on every run."""
+    found = []
+    for name in VERSIONED_PACKAGES:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} missing")
+    return ", ".join([f"python {platform.python_version()}", *found])
 
 
 def _now_ms() -> int:
