@@ -119,6 +119,8 @@ class _WriteSlot(torch.autograd.Function):
         else:
             torch.mul(raw, mask, out=slot)
         ctx.save_for_backward(mask)
+        # An alias sharing the slot's version counter; not a view, whose view+inplace error would
+        # wrongly advise cloning.
         return slot.detach()
 
     @staticmethod
@@ -180,17 +182,18 @@ class WeightDropLSTM(nn.Module):
             slot = self.weight_hh_raw.detach().clone()
             weights = [self.weight_ih, slot, self.bias_ih, self.bias_hh]
             if cudnn.is_acceptable(self.weight_ih) and torch._use_cudnn_rnn_flatten_weight():
-                # As nn.RNNBase.flatten_parameters does: allocates the buffer in cuDNN's layout and set_()s every given tensor into it.
+                # As nn.RNNBase.flatten_parameters: allocates a buffer in cuDNN's layout, copies the
+                # weights in and set_()s each given tensor (parameters and slot) to its view of it.
                 torch._cudnn_rnn_flatten_weight(
-                    weights, 4, self.input_size, cudnn_rnn.get_cudnn_mode("LSTM"),
-                    self.hidden_size, 0, 1, False, False,
+                    weights, 4, self.input_size, cudnn_rnn.get_cudnn_mode("LSTM"), self.hidden_size,
+                    0, 1, False, False,  # proj_size, num_layers, batch_first, bidirectional
                 )
             else:
+                # Elsewhere the layout is plain concatenation: [w_ih | W_hh slot | b_ih | b_hh].
                 flat = torch.cat([w.reshape(-1) for w in weights])
                 views = flat.split([w.numel() for w in weights])
-                for param, view in zip((self.weight_ih, self.bias_ih, self.bias_hh), (views[0], views[2], views[3])):
-                    param.data = view.view_as(param)
-                slot = views[1].view_as(slot)
+                w_ih, slot, b_ih, b_hh = (view.view_as(w) for view, w in zip(views, weights))
+                self.weight_ih.data, self.bias_ih.data, self.bias_hh.data = w_ih, b_ih, b_hh
         self._slot = slot
 
     def _is_flat(self) -> bool:
@@ -222,6 +225,7 @@ class WeightDropLSTM(nn.Module):
         if self.training and self.recurrent_p > 0:
             return self._step_through(x, state, weight_hh)
         weights = [self.weight_ih, weight_hh, self.bias_ih, self.bias_hh]
+        # has_biases, num_layers, dropout, train, bidirectional, batch_first
         output, h_n, c_n = _VF.lstm(x, state, weights, True, 1, 0.0, self.training, False, False)
         return output, (h_n, c_n)
 

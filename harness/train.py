@@ -209,8 +209,7 @@ def train_model(
         with optimizer.averaged_weights():
             val_loss = evaluate(model, val_data, t.bptt)
             if val_loss < best["val_loss"]:
-                best = {"epoch": epoch, "val_loss": val_loss,
-                        "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                best = {"epoch": epoch, "val_loss": val_loss, "model": _own_storage(model.state_dict())}
                 if best_path is not None:
                     _save(best_path, {"model": best["model"], "config": config.to_dict(),
                                       "metrics": {"epoch": epoch, "val_loss": val_loss,
@@ -229,7 +228,7 @@ def train_model(
             optimizer.history.append(val_loss)
         if last_path is not None:
             _save(last_path, {
-                "config": config.to_dict(), "epoch": epoch, "model": model.state_dict(),
+                "config": config.to_dict(), "epoch": epoch, "model": _own_storage(model.state_dict()),
                 "optimizer": optimizer.state_dict(), "epochs": [dataclasses.asdict(e) for e in epochs],
                 "best": {"epoch": best["epoch"], "val_loss": best["val_loss"]},
             })
@@ -283,6 +282,11 @@ def _train_epoch(model, optimizer: _Optimizer, train_data, t, epoch: int, rng, p
     mean = total.item() / count
     _check_finite(mean, epoch, batch, optimizer.opt.param_groups[0]["lr"])
     return mean, time.perf_counter() - started, count
+
+
+def _own_storage(state: dict) -> dict:
+    """Detached copies: a view into a flat weight buffer would otherwise save the whole buffer with it."""
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def _save(path: Path, payload: dict) -> None:

@@ -112,6 +112,8 @@ def test_checkpoint_is_state_dict_config_and_metrics(tmp_path):
     assert best["config"] == config(epochs=2).to_dict()
     assert best["metrics"]["epoch"] == result.best_epoch
     assert best["metrics"]["val_ppl"] == pytest.approx(result.best_val_ppl)
+    for name, tensor in best["model"].items():  # no view dragging a whole flat weight buffer along
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
     model = AWDLSTM(40, ModelConfig(16, 24, 2), AWD)
     model.load_state_dict(best["model"])
 
