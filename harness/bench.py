@@ -6,14 +6,15 @@
 Each round times every arm back to back in one process (forward + backward + clip + SGD step on
 (bptt, batch) token segments), so a slower machine or a busy core moves both sides alike; the ratio is
 the median over rounds of arm / plain. Peak memory comes from the CUDA allocator on a GPU and, on a CPU,
-from the peak resident size of a fresh process that trains only that arm.
+from the sampled resident size of a fresh process that trains only that arm.
 """
 
 import concurrent.futures
 import multiprocessing
-import resource
+import os
 import statistics
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,13 +91,34 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _peak_rss_mb(arm: str, size: str, steps: int) -> float:
-    """Runs in a fresh process: peak resident size growth (MB) while training one arm."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Runs in a fresh process: peak resident size above the imports (MB) while training one arm.
+
+    A sampling thread reads the resident size every millisecond (torch releases the GIL in its kernels);
+    ru_maxrss would not do, since the imports alone can peak above a small model's training.
+    """
+    baseline = peak = _rss_bytes()
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     trainer = _Trainer(arm, size, "cpu")
     for _ in range(steps):
         trainer.step()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # KB on Linux
+    done.set()
+    sampler.join()
+    return (max(peak, _rss_bytes()) - baseline) / 2**20
 
 
 @dataclass(frozen=True)
