@@ -34,6 +34,13 @@ def _check_positive(obj, *names):
             raise ValueError(f"{name} = {value!r} must be > 0")
 
 
+def _check_non_negative(obj, *names):
+    for name in names:
+        value = getattr(obj, name)
+        if value < 0:
+            raise ValueError(f"{name} = {value!r} must be >= 0")
+
+
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} = {value!r} is not one of {', '.join(choices)}")
@@ -96,9 +103,7 @@ class TrainConfig:
     def __post_init__(self):
         _check_positive(self, "epochs", "batch_size", "eval_batch_size", "test_batch_size", "bptt", "lr", "nonmono")
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        for name in ("clip", "weight_decay", "alpha", "beta", "train_tokens", "valid_tokens", "threads"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} = {getattr(self, name)!r} must be >= 0")
+        _check_non_negative(self, "clip", "weight_decay", "alpha", "beta", "train_tokens", "valid_tokens", "threads")
 
 
 @dataclass(frozen=True)
@@ -210,9 +215,7 @@ class BudgetConfig:
     def __post_init__(self):
         _check_positive(self, "trials")
         _check_choice("pruner", self.pruner, PRUNERS)
-        for name in ("epochs", "warmup_epochs", "max_retries"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} = {getattr(self, name)!r} must be >= 0")
+        _check_non_negative(self, "epochs", "warmup_epochs", "max_retries")
         if len(set(self.confirm_seeds)) != len(self.confirm_seeds):
             raise ValueError(f"confirm_seeds = {list(self.confirm_seeds)!r} repeats a seed")
 
