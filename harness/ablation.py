@@ -20,12 +20,12 @@ from optuna.trial import TrialState
 from harness.config import StudyConfig
 from harness.data import load_corpus
 from harness.errors import UserError
-from harness.scheduler import Outcome, Scheduler, Slot, Task, describe_slots
+from harness.scheduler import Outcome, Scheduler, Slot, Task, describe_slots, device_name
 from harness.search import (
     CONFIRM, SEARCH, best_params, counts, fail_interrupted, fail_trial, open_study, optuna_name, search_space,
     settled, trials_for,
 )
-from harness.tracking import Tracker
+from harness.tracking import Tracker, package_versions
 
 SUMMARY_EVERY = 120.0  # seconds between live-view tables
 
