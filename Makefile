@@ -1,4 +1,5 @@
 # awd-ablation: `make ablation` runs the default study, `make test` the test suite. Both install first.
+# Several machines: `make worker` on each with shared STORAGE and TRACKING_URI (README: Several machines).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,12 +9,15 @@ STUDY ?= studies/ablation.toml
 AWD_DATA_DIR ?= $(if $(wildcard ../shared/data/ptb/ptb.train.txt),$(abspath ../shared/data),$(abspath data))
 export AWD_DATA_DIR
 
-# Where `make ablation` and `make ui` keep results (the MLflow and Optuna defaults of `harness ablate`).
+# Where `make ablation` and `make ui` keep results (the MLflow and Optuna defaults of `harness ablate`);
+# postgresql://USER@HOST/DB and http://HOST:PORT share them between machines (passwords: PGPASSWORD).
 TRACKING_URI ?= sqlite:///mlflow.db
 STORAGE ?= sqlite:///optuna.db
+# The UI answers this machine only, unless UI_HOST says otherwise.
+UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
 
-.PHONY: install test ablation report ui bench clean
+.PHONY: install test ablation worker report ui bench clean
 
 install: $(VENV)/.installed
 
@@ -28,11 +32,14 @@ test: install
 ablation: install
 	$(BIN)/python -m harness ablate $(STUDY) --storage $(STORAGE) --tracking-uri $(TRACKING_URI)
 
+worker: install
+	$(BIN)/python -m harness worker $(STUDY) --storage $(STORAGE) --tracking-uri $(TRACKING_URI)
+
 report: install
 	$(BIN)/python -m harness report $(STUDY) --storage $(STORAGE) --tracking-uri $(TRACKING_URI)
 
 ui: install
-	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host 127.0.0.1 --port $(UI_PORT)
+	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host $(UI_HOST) --port $(UI_PORT)
 
 bench: install
 	$(BIN)/python -m harness bench

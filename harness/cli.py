@@ -1,17 +1,19 @@
-"""Command line: `python -m harness COMMAND ...` (train, ablate, report, masks, bench, data fetch).
+"""Command line: `python -m harness COMMAND ...` (train, ablate, worker, report, masks, bench, data fetch).
 
 User mistakes surface as one line on stderr and a non-zero exit code, never a traceback.
 """
 
 import argparse
 import shutil
+import signal
 import sys
 from pathlib import Path
 
 from harness.errors import UserError
+from harness.stores import HEARTBEAT, STALE_AFTER
 
 ABLATE_DEFAULTS = {"storage": "sqlite:///optuna.db", "tracking_uri": "sqlite:///mlflow.db", "runs_dir": "runs",
-                   "reports_dir": "reports"}
+                   "reports_dir": "reports", "heartbeat": HEARTBEAT}
 
 
 def _device(name: str) -> str:
@@ -59,27 +61,53 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_ablate(args) -> int:
-    """Run or resume an ablation study over every device slot."""
+def _coordinate(args, study) -> bool:
+    """Run this machine's share of the study; False when stopped (Ctrl-C, or SIGTERM from a batch system)."""
     from harness.ablation import run_ablation
-    from harness.config import load_study
     from harness.scheduler import discover_slots
 
-    study = load_study(args.study)
     slots = discover_slots(args.devices, args.trials_per_device)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # the trials running here are marked interrupted and retried without delay
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         run_ablation(study, storage=args.storage, tracking_uri=args.tracking_uri, slots=slots,
-                     runs_dir=Path(args.runs_dir))
+                     runs_dir=Path(args.runs_dir), heartbeat=args.heartbeat)
     except KeyboardInterrupt:
         print(f"\nstopped; the interrupted trials are marked and will be retried. Resume with the same command:\n"
-              f"  python -m harness ablate {args.study}" + "".join(f" {a}" for a in _resume_flags(args)),
+              f"  python -m harness {args.command} {args.study}" + "".join(f" {a}" for a in _resume_flags(args)),
               file=sys.stderr)
-        return 130
-    from harness.report import build_report
+        return False
+    return True
 
+
+def cmd_ablate(args) -> int:
+    """Run or resume an ablation study over every device slot, then write its report."""
+    from harness.config import load_study
+    from harness.report import build_report
+    from harness.stores import redact
+
+    study = load_study(args.study)
+    if not _coordinate(args, study):
+        return 130
     report = build_report(study, args.tracking_uri, args.storage, Path(args.reports_dir))
-    print(f"results:\n  report      {report}\n  MLflow      {args.tracking_uri} (browse: make ui)\n"
-          f"  Optuna      {args.storage}\n  checkpoints {Path(args.runs_dir) / study.name}")
+    print(f"results:\n  report      {report}\n  MLflow      {redact(args.tracking_uri)} (browse: make ui)\n"
+          f"  Optuna      {redact(args.storage)}\n  checkpoints {Path(args.runs_dir) / study.name}")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    """Run this machine's device slots on a study shared through PostgreSQL, until nothing is left anywhere."""
+    from harness.config import load_study
+    from harness.stores import redact
+
+    study = load_study(args.study)
+    if not _coordinate(args, study):
+        return 130
+    print(f"{study.name} is complete on every machine; write the report with:\n  python -m harness report "
+          f"{args.study} --storage {redact(args.storage)} --tracking-uri {redact(args.tracking_uri)}")
     return 0
 
 
@@ -87,8 +115,12 @@ def cmd_report(args) -> int:
     """Rebuild a study's HTML report from what MLflow and Optuna hold."""
     from harness.config import load_study
     from harness.report import build_report
+    from harness.stores import check_storage, check_tracking
 
-    path = build_report(load_study(args.study), args.tracking_uri, args.storage, Path(args.out))
+    study = load_study(args.study)
+    check_tracking(args.tracking_uri)
+    check_storage(args.storage)
+    path = build_report(study, args.tracking_uri, args.storage, Path(args.out))
     print(f"report written: {path} (and {path.with_name('results.csv')})")
     return 0
 
@@ -103,11 +135,13 @@ def cmd_masks(args) -> int:
 
 
 def _resume_flags(args) -> list:
+    from harness.stores import redact
+
     flags = []
-    for name in ("storage", "tracking_uri", "devices", "trials_per_device", "runs_dir", "reports_dir"):
-        value = getattr(args, name)
+    for name in ("storage", "tracking_uri", "devices", "trials_per_device", "runs_dir", "reports_dir", "heartbeat"):
+        value = getattr(args, name, None)
         if value is not None and value != ABLATE_DEFAULTS.get(name):
-            flags.append(f"--{name.replace('_', '-')} {value}")
+            flags.append(f"--{name.replace('_', '-')} {redact(str(value))}")
     return flags
 
 
@@ -173,15 +207,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("ablate", help="run or resume an ablation study (search, confirmation, tracking)")
-    p.add_argument("study", help="study file, e.g. studies/ablation.toml")
-    p.add_argument("--storage", default=ABLATE_DEFAULTS["storage"], help="Optuna storage URL")
-    p.add_argument("--tracking-uri", default=ABLATE_DEFAULTS["tracking_uri"], help="MLflow tracking URI")
-    p.add_argument("--devices", help="cpu, cuda or cuda:0,cuda:1 (default: every visible GPU, else the CPU)")
-    p.add_argument("--trials-per-device", type=int, help="trials at once per GPU, or the number of CPU workers")
-    p.add_argument("--runs-dir", default=ABLATE_DEFAULTS["runs_dir"], help="checkpoint folder")
-    p.add_argument("--reports-dir", default=ABLATE_DEFAULTS["reports_dir"], help="where the HTML report goes")
-    p.set_defaults(func=cmd_ablate)
+    for command, func, helps in (
+        ("ablate", cmd_ablate, "run or resume an ablation study (search, confirmation, tracking, report)"),
+        ("worker", cmd_worker, "run this machine's devices on a study shared through PostgreSQL and an MLflow server"),
+    ):
+        p = sub.add_parser(command, help=helps)
+        p.add_argument("study", help="study file, e.g. studies/ablation.toml")
+        shared = command == "worker"  # a worker with local files would share nothing
+        p.add_argument("--storage", required=shared, default=None if shared else ABLATE_DEFAULTS["storage"],
+                       help="Optuna storage URL: sqlite:///FILE, or postgresql://USER@HOST:PORT/DB to share the study "
+                            "between machines (password in the URL or PGPASSWORD)")
+        p.add_argument("--tracking-uri", required=shared, default=None if shared else ABLATE_DEFAULTS["tracking_uri"],
+                       help="MLflow tracking URI: sqlite:///FILE, or http://HOST:PORT of an MLflow server")
+        p.add_argument("--devices", help="cpu, cuda or cuda:0,cuda:1 (default: every visible GPU, else the CPU)")
+        p.add_argument("--trials-per-device", type=int, help="trials at once per GPU, or the number of CPU workers")
+        p.add_argument("--runs-dir", default=ABLATE_DEFAULTS["runs_dir"], help="checkpoint folder")
+        if command == "ablate":
+            p.add_argument("--reports-dir", default=ABLATE_DEFAULTS["reports_dir"], help="where the HTML report goes")
+        p.add_argument("--heartbeat", type=int, default=ABLATE_DEFAULTS["heartbeat"],
+                       help=f"seconds between heartbeats of running trials on PostgreSQL (default {HEARTBEAT}); a "
+                            f"trial is retried after {STALE_AFTER} missed; use the same value on every machine")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("report", help="rebuild a study's HTML report from MLflow and Optuna")
     p.add_argument("study", help="study file")

@@ -31,6 +31,7 @@ from harness.config import SITES, StudyConfig
 from harness.errors import UserError
 from harness.masks import embed_png, mask_figures_html
 from harness.search import CONFIRM, DIGEST_ATTR, SEARCH, counts, optuna_name, search_space, settled, trials_for
+from harness.stores import redact
 from harness.tracking import RESULT_METRICS
 
 REFERENCE = "awd"
@@ -63,9 +64,9 @@ def _sqlite_path(url: str) -> Path | None:
 
 
 def _ablate_command(study: StudyConfig, tracking_uri: str, storage: str) -> str:
-    """The command that runs (or resumes) the study into these stores."""
-    return (f"python -m harness ablate {shlex.quote(str(study.path))} --tracking-uri {shlex.quote(tracking_uri)} "
-            f"--storage {shlex.quote(storage)}")
+    """The command that runs (or resumes) the study into these stores (passwords masked)."""
+    return (f"python -m harness ablate {shlex.quote(str(study.path))} "
+            f"--tracking-uri {shlex.quote(redact(tracking_uri))} --storage {shlex.quote(redact(storage))}")
 
 
 def _int(value) -> int | None:
@@ -123,8 +124,8 @@ def _optuna_side(study: StudyConfig, storage: str, rerun: str) -> tuple[pd.DataF
     rdb = optuna.storages.RDBStorage(storage)
     names = set(optuna.get_all_study_names(storage=rdb))
     if not any(optuna_name(study, v, p) in names for v in study.variants for p in (SEARCH, CONFIRM)):
-        raise UserError(f"{storage} holds no Optuna study of {study.name!r}: pass the --storage the study ran with, "
-                        f"or run it first: {rerun}")
+        raise UserError(f"{redact(storage)} holds no Optuna study of {study.name!r}: pass the --storage the study "
+                        f"ran with, or run it first: {rerun}")
     rows, trial_counts, importances = [], {}, {}
     for variant in study.variants:
         for phase in (SEARCH, CONFIRM):
@@ -133,8 +134,9 @@ def _optuna_side(study: StudyConfig, storage: str, rerun: str) -> tuple[pd.DataF
                 continue
             ostudy = optuna.load_study(study_name=name, storage=rdb)
             if ostudy.user_attrs.get(DIGEST_ATTR, study.digest) != study.digest:
-                raise UserError(f"{study.path}: the Optuna study {name!r} in {storage} was made from a different "
-                                "version of this study file; build the report with the file the study ran with")
+                raise UserError(f"{study.path}: the Optuna study {name!r} in {redact(storage)} was made from a "
+                                "different version of this study file; build the report with the file the study ran "
+                                "with")
             trial_counts.setdefault(variant, {})[phase] = counts(ostudy)
             if phase == CONFIRM:
                 continue
@@ -158,11 +160,12 @@ def read_logs(study: StudyConfig, tracking_uri: str, storage: str) -> StudyLog:
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name(study.name)
     if experiment is None:
-        raise UserError(f"{tracking_uri} has no MLflow experiment {study.name!r}: run the study first: {rerun}")
+        raise UserError(f"{redact(tracking_uri)} has no MLflow experiment {study.name!r}: run the study first: "
+                        f"{rerun}")
     if experiment.tags.get("study_digest", study.digest) != study.digest:
-        raise UserError(f"{study.path}: the MLflow experiment {study.name!r} at {tracking_uri} was made from a "
-                        "different version of this study file; build the report with the file the study ran with "
-                        "(every run holds it as the artifact study.toml)")
+        raise UserError(f"{study.path}: the MLflow experiment {study.name!r} at {redact(tracking_uri)} was made "
+                        "from a different version of this study file; build the report with the file the study ran "
+                        "with (every run holds it as the artifact study.toml)")
     trials, trial_counts, importances = _optuna_side(study, storage, rerun)
     runs = _child_runs(client, experiment.experiment_id)
     return StudyLog(study, tracking_uri, storage, runs, _curves(client, runs), trials, trial_counts, importances)
@@ -702,7 +705,7 @@ def _reproducibility(result: StudyResult, out_dir: Path) -> str:
         commit += ('<br><span class="note">-dirty: the checkout had uncommitted changes, so the commit alone does not '
                    "reproduce these runs.</span>")
     rebuild = (f"python -m harness report {shlex.quote(str(study.path))} "
-               f"--tracking-uri {shlex.quote(log.tracking_uri)} --storage {shlex.quote(log.storage)}")
+               f"--tracking-uri {shlex.quote(redact(log.tracking_uri))} --storage {shlex.quote(redact(log.storage))}")
     if out_dir != Path("reports"):
         rebuild += f" --out {shlex.quote(str(out_dir))}"
     commands = rerun_commands(result)
@@ -796,7 +799,7 @@ def render_html(result: StudyResult, out_dir: Path = Path("reports")) -> str:
 {f'<p>{_esc(study.notes)}</p>' if study.notes else ''}
 <p class="meta">Corpus {_esc(study.corpus)}; {len(study.variants)} variants, {study.budget.trials} search trials each
 (the search optimises {_esc(study.metric)}), confirmation seeds {_esc(seeds)}. Built {built} from MLflow
-<code>{_esc(log.tracking_uri)}</code> and Optuna <code>{_esc(log.storage)}</code>.</p>
+<code>{_esc(redact(log.tracking_uri))}</code> and Optuna <code>{_esc(redact(log.storage))}</code>.</p>
 {_status(result)}
 <h2>Headline</h2>
 {_headline_table(result)}

@@ -1,13 +1,15 @@
 """MLflow tracking of a study: one experiment, a parent run per variant, a child run per trial and seed.
 
-Only the coordinator writes here (through MlflowClient, no global active run), so SQLite is never written
-by two processes. Child runs carry the flattened resolved config as params, per-epoch metrics with
-step = epoch, and tags that make every report number traceable: variant, phase, trial, seed, device,
-git commit, corpus MD5 and state (running, finished, pruned, failed + reason).
+Only coordinators write here (through MlflowClient, no global active run): one per local SQLite store, so
+SQLite is never written by two processes, or one per machine on a shared tracking server. Child runs carry
+the flattened resolved config as params, per-epoch metrics with step = epoch, and tags that make every
+report number traceable: variant, phase, trial, seed, device, coordinator (host/pid), git commit, corpus MD5
+and state (running, finished, pruned, failed + reason).
 """
 
 import json
 import logging
+import os
 import platform
 import time
 from importlib import metadata
@@ -16,15 +18,18 @@ from urllib.parse import urlparse
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 from harness.config import RunConfig, StudyConfig
 from harness.errors import UserError
 
 EPOCH_METRICS = ("train_loss", "train_ppl", "val_loss", "val_ppl", "lr", "epoch_seconds", "tokens_per_s")
 RESULT_METRICS = ("best_val_ppl", "best_epoch", "test_ppl", "test_loss", "seconds", "epochs")
-# MLflow's own INFO lines (database migrations) would drown the live view.
+# MLflow's own INFO lines (database migrations) and its two "View run" lines per run on a tracking server
+# would drown the live view.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 MLFLOW_STATUS = {"finished": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 
@@ -64,15 +69,22 @@ class Tracker:
         self.study, self.common_tags = study, common_tags
         experiment = self.client.get_experiment_by_name(study.name)
         if experiment is None:
-            self.experiment_id = self.client.create_experiment(
-                study.name, artifact_location=_artifact_location(uri, study),
-                tags={"study_digest": study.digest, "study_file": str(study.path)},
-            )
-        else:
+            try:
+                self.experiment_id = self.client.create_experiment(
+                    study.name, artifact_location=_artifact_location(uri, study),
+                    tags={"study_digest": study.digest, "study_file": str(study.path)},
+                )
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment = self.client.get_experiment_by_name(study.name)  # another machine made it just now
+        if experiment is not None:
             if experiment.tags.get("study_digest", study.digest) != study.digest:
                 raise UserError(
-                    f"{study.path}: MLflow experiment {study.name!r} was made from a different version of this "
-                    "study file; never mixing the two, use a new study.name (or a new --tracking-uri)"
+                    f"{study.path}: MLflow experiment {study.name!r} was made from a different version of this study "
+                    "file; refusing to mix their results: to resume it, run the file it was made from (every run "
+                    "holds it as study.toml); to start afresh, give this file a new study.name (or a new "
+                    "--tracking-uri)"
                 )
             self.experiment_id = experiment.experiment_id
         self.parents: dict[str, str] = {}
@@ -135,8 +147,19 @@ class Tracker:
         )
 
     def close_stale_runs(self) -> int:
-        """Child runs left RUNNING by a coordinator that stopped: mark them interrupted."""
+        """Child runs left RUNNING by the local coordinator that stopped: mark them interrupted."""
         stale = self._runs("tags.kind = 'run' and attributes.status = 'RUNNING'")
         for run in stale:
             self.finish(run.info.run_id, "interrupted", reason="the coordinator stopped while it ran")
         return len(stale)
+
+    def close_trial_runs(self, optuna_study: str, trial: int, state: str, reason: str) -> int:
+        """End the runs still RUNNING for one Optuna trial whose coordinator is gone; returns how many.
+
+        Found by tags, not by the trial's mlflow_run_id, to include a run made just before its coordinator died.
+        """
+        runs = self._runs(f"tags.kind = 'run' and tags.optuna_study = '{optuna_study}' and tags.trial = '{trial}' "
+                          "and attributes.status = 'RUNNING'")
+        for run in runs:
+            self.finish(run.info.run_id, state, reason=reason)
+        return len(runs)
