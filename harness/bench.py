@@ -1,6 +1,6 @@
 """Benchmarks, as ratios measured side by side: model throughput and the scheduler's speed-up.
 
-    python -m harness bench [--sizes paper,cpu] [--rounds 5] [--steps 3]
+    python -m harness bench [--sizes paper,cpu] [--rounds 8] [--steps 3]
     python -m harness bench --scheduler [--tasks 6]
 
 Each round times every arm back to back in one process (forward + backward + clip + SGD step on

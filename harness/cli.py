@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="training throughput vs a plain nn.LSTM stack")
     p.add_argument("--sizes", default="paper,cpu", help="comma list of paper, cpu")
     p.add_argument("--arms", default="", help="comma list of arms (default: plain and every hidden mode)")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=8, help="rounds; the ratio is their median (more = steadier)")
     p.add_argument("--steps", type=int, default=3, help="training steps per arm per round")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="auto")
