@@ -66,7 +66,6 @@ def child_runs(uri, study_name):
 def test_cpu_slots_divide_the_cores():
     slots = discover_slots("cpu", 2)
     assert [s.device for s in slots] == ["cpu", "cpu"] and all(s.threads >= 1 for s in slots)
-    assert len(discover_slots("cpu")) == os.cpu_count() or len(discover_slots("cpu")) >= 1
 
 
 def test_slots_are_exclusive_and_never_idle_while_work_remains(tmp_path):
