@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.config import DropoutConfig, ModelConfig, RunConfig
-from harness.dropout import HIDDEN_MODES
-from harness.model import AWDLSTM, detach_state
+from harness.config import HIDDEN_MODES, DropoutConfig, ModelConfig, RunConfig
+from harness.model import AWDLSTM, LMOutput, detach_state
 from harness.scheduler import Scheduler, Slot, Task
 
 # The paper's PTB model and the CPU-sized one of studies/cpu-ptb.toml.
@@ -57,7 +56,7 @@ class PlainLSTM(nn.Module):
         for layer, layer_state in zip(self.layers, state):
             x, s = layer(x, layer_state)
             new_state.append(s)
-        return self.decoder(x), new_state, x, x
+        return LMOutput(self.decoder(x), new_state, x, x)
 
 
 def build_arm(arm: str, size: str, device: str) -> nn.Module:
@@ -79,8 +78,9 @@ class _Trainer:
 
     def step(self):
         self.state = detach_state(self.state)
-        logits, self.state, _, _ = self.model(self.data[:-1], self.state)
-        loss = F.cross_entropy(logits.flatten(0, 1), self.data[1:].flatten())
+        out = self.model(self.data[:-1], self.state)
+        self.state = out.state
+        loss = F.cross_entropy(out.logits.flatten(0, 1), self.data[1:].flatten())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 0.25)
@@ -203,8 +203,11 @@ def format_table(rows: list[BenchRow], device: str) -> str:
     return "\n".join(lines)
 
 
-class EqualTasks:
-    """A TaskSource of n copies of one run that records when each slot starts and ends a task."""
+class EqualTrials:
+    """The scheduler benchmark's TaskSource: n copies of one run, recording when each slot starts and ends one.
+
+    Equal trials make the speed-up of k slots over one a clean ratio; tests use it to check slot exclusivity.
+    """
 
     def __init__(self, config: RunConfig, n: int, workdir: Path):
         self.config, self.workdir = config.to_dict(), workdir
@@ -237,7 +240,7 @@ def bench_slots(config: RunConfig, n_tasks: int, slot_counts=(1, 2), log=print) 
     seconds = {}
     for count in slot_counts:
         with tempfile.TemporaryDirectory() as workdir:
-            source = EqualTasks(config, n_tasks, Path(workdir))
+            source = EqualTrials(config, n_tasks, Path(workdir))
             started = time.perf_counter()
             Scheduler([Slot(i, "cpu", 1) for i in range(count)], tick_seconds=0.2).run(source)
             seconds[count] = time.perf_counter() - started

@@ -15,11 +15,12 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.dropout import HIDDEN_MODES
 from harness.errors import UserError
 
 # One spelled-out name per dropout site, used in study files, configs, MLflow params and reports.
 SITES = ("embedding", "input", "hidden", "output", "weight")
+# How the input, hidden and output masks are drawn (harness.dropout builds the module for each).
+HIDDEN_MODES = ("locked", "naive", "timestep", "naive_recurrent")
 METRICS = ("val_ppl",)
 SAMPLERS = ("tpe", "qmc")
 PRUNERS = ("median", "hyperband", "none")

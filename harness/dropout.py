@@ -12,7 +12,7 @@ from torch import Tensor, _VF, nn
 from torch.backends import cudnn
 from torch.backends.cudnn import rnn as cudnn_rnn
 
-HIDDEN_MODES = ("locked", "naive", "timestep", "naive_recurrent")
+from harness.config import HIDDEN_MODES
 
 
 def _check_rate(name: str, p: float) -> float:

@@ -7,13 +7,23 @@ A rate of 0 is the identity, so with every rate at 0 this computes what a plain 
 with the same weights computes.
 """
 
-import torch
-from torch import nn
+from typing import NamedTuple
+
+from torch import Tensor, nn
 
 from harness.config import DropoutConfig, ModelConfig
 from harness.dropout import EmbeddingDropout, WeightDropLSTM, make_hidden_dropout
 
-State = list  # one (h (1, B, H), c (1, B, H)) per layer
+LSTMState = list[tuple[Tensor, Tensor]]  # one (h, c) per layer, each (1, B, H_layer)
+
+
+class LMOutput(NamedTuple):
+    """What one forward pass returns: the loss needs logits, truncated BPTT the state, AR/TAR raw and dropped."""
+
+    logits: Tensor  # (T, B, V)
+    state: LSTMState  # to carry into the next segment
+    raw: Tensor  # the last layer's output before output dropout (T, B, E): TAR penalises its changes over time
+    dropped: Tensor  # the same after output dropout (T, B, E): AR penalises its size
 
 
 class AWDLSTM(nn.Module):
@@ -48,7 +58,7 @@ class AWDLSTM(nn.Module):
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
         nn.init.zeros_(self.decoder.bias)
 
-    def init_state(self, batch_size: int) -> State:
+    def init_state(self, batch_size: int) -> LSTMState:
         """Zero (h, c) for every layer."""
         weight = self.encoder.weight
         return [
@@ -56,8 +66,11 @@ class AWDLSTM(nn.Module):
             for layer in self.layers
         ]
 
-    def forward(self, tokens: torch.Tensor, state: State | None = None):
-        """tokens (T, B) -> logits (T, B, V), new state, last layer's raw and dropped outputs (T, B, E)."""
+    def forward(self, tokens: Tensor, state: LSTMState | None = None) -> LMOutput:
+        """tokens (T, B) -> logits (T, B, V), new state, last layer's raw and dropped outputs (T, B, E).
+
+        Raises ValueError (from the fused kernel) when a state's batch size differs from the tokens'.
+        """
         x = self.input_dropout(self.embedding_dropout(tokens))  # (T, B, E)
         state = state or [None] * len(self.layers)
         new_state = []
@@ -66,9 +79,9 @@ class AWDLSTM(nn.Module):
             new_state.append(layer_state)
             x = self.hidden_dropouts[i](raw) if i < len(self.hidden_dropouts) else raw
         dropped = self.output_dropout(raw)
-        return self.decoder(dropped), new_state, raw, dropped
+        return LMOutput(self.decoder(dropped), new_state, raw, dropped)
 
 
-def detach_state(state: State) -> State:
+def detach_state(state: LSTMState) -> LSTMState:
     """Cut the graph between truncated-BPTT segments while carrying the values on."""
     return [(h.detach(), c.detach()) for h, c in state]

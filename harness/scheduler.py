@@ -40,7 +40,8 @@ class Task:
     key: str  # unique and readable, e.g. "awd/search/3"
     config: dict  # RunConfig.to_dict()
     checkpoint_dir: str
-    prunable: bool = True
+    prunable: bool = True  # a search trial: the coordinator may stop it after any epoch
+    evaluate_test: bool = True  # only confirmation runs see the test split
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ def _worker(task: Task, slot: Slot, conn) -> None:
         config = RunConfig.from_dict(task.config)
         corpus = load_corpus(config.corpus, fetch_missing=False, log=lambda *a: None)
         result = train_model(config, corpus, device=slot.device, checkpoint_dir=Path(task.checkpoint_dir),
-                             on_epoch=on_epoch, progress=False)
+                             on_epoch=on_epoch, progress=False, evaluate_test=task.evaluate_test)
         summary = {
             "best_val_ppl": result.best_val_ppl, "best_epoch": result.best_epoch, "test_ppl": result.test_ppl,
             "test_loss": result.test_loss, "averaged_from_epoch": result.averaged_from_epoch,

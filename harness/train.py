@@ -44,14 +44,14 @@ class EpochResult:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """The outcome of a finished run."""
+    """The outcome of a finished run; test_* are None when the test split was not evaluated (search trials)."""
 
     config: RunConfig
     epochs: tuple
     best_epoch: int
     best_val_ppl: float
-    test_loss: float
-    test_ppl: float
+    test_loss: float | None
+    test_ppl: float | None
     averaged_from_epoch: int | None
     seconds: float
     checkpoint: Path | None
@@ -87,19 +87,20 @@ def evaluate(model: AWDLSTM, source: torch.Tensor, bptt: int) -> float:
     return total.item() / count
 
 
-class _Optimizer:
-    """SGD that switches to averaged SGD (ASGD, t0=0, lambd=0) by the non-monotone trigger."""
+class NTASGD:
+    """Non-monotonically triggered ASGD (paper section 3): SGD that switches to averaged SGD (t0=0, lambd=0)
+    once validation stops improving; `opt` is the torch optimizer in use."""
 
     def __init__(self, model: AWDLSTM, config: RunConfig):
-        self.model, self.train = model, config.train
+        self.model, self.recipe = model, config.train
         self.averaging = False
         self.history: list[float] = []  # validation losses while not averaging
-        self.opt = torch.optim.SGD(model.parameters(), lr=self.train.lr, weight_decay=self.train.weight_decay)
+        self.opt = torch.optim.SGD(model.parameters(), lr=self.recipe.lr, weight_decay=self.recipe.weight_decay)
 
     def start_averaging(self):
         # All trainable parameters go to the new optimizer, as to the first.
         self.opt = torch.optim.ASGD(
-            self.model.parameters(), lr=self.train.lr, t0=0, lambd=0.0, weight_decay=self.train.weight_decay
+            self.model.parameters(), lr=self.recipe.lr, t0=0, lambd=0.0, weight_decay=self.recipe.weight_decay
         )
         self.averaging = True
 
@@ -109,9 +110,9 @@ class _Optimizer:
         The paper's Algorithm 1 writes the same test as `t > n and v > min(logs[0 .. t-n-1])` but applies
         it every L iterations rather than every epoch; we check once per epoch like the code that produced
         the paper's numbers."""
-        n = self.train.nonmono
+        n = self.recipe.nonmono
         return (
-            self.train.optimizer == "nt-asgd" and not self.averaging
+            self.recipe.optimizer == "nt-asgd" and not self.averaging
             and len(self.history) > n and val_loss > min(self.history[:-n])
         )
 
@@ -152,7 +153,7 @@ def _check_finite(loss: float, epoch: int, batch: int, lr: float):
         )
 
 
-def _resume(path: Path, config: RunConfig, model: AWDLSTM, optimizer: _Optimizer):
+def _resume(path: Path, config: RunConfig, model: AWDLSTM, optimizer: NTASGD):
     """Load last.pt if it belongs to this config; returns (epochs done, epoch results, best)."""
     saved = torch.load(path, weights_only=True, map_location="cpu")
     if saved["config"] != config.to_dict():
@@ -176,20 +177,25 @@ def train_model(
     checkpoint_dir: Path | None = None,
     on_epoch: Callable[[EpochResult], None] | None = None,
     progress: bool = True,
+    evaluate_test: bool = True,
 ) -> TrainResult:
-    """Train one run to the end; resumes from `checkpoint_dir/last.pt` when it exists."""
-    t = config.train
-    started = time.perf_counter()
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    seed_everything(t.seed)
-    model = AWDLSTM(corpus.vocab_size, config.model, config.dropout).to(device)
-    optimizer = _Optimizer(model, config)
+    """Train one run to the end; resumes from `checkpoint_dir/last.pt` when it exists.
 
-    train_tokens = corpus.train[: t.train_tokens] if t.train_tokens else corpus.train
-    valid_tokens = corpus.valid[: t.valid_tokens] if t.valid_tokens else corpus.valid
-    train_data = batchify(train_tokens, t.batch_size).to(device)  # (L, B)
-    val_data = batchify(valid_tokens, t.eval_batch_size).to(device)
+    The test split is evaluated once, with the best weights, and only when `evaluate_test` (a search trial
+    must not see it: rates are chosen on validation perplexity alone).
+    """
+    recipe = config.train
+    started = time.perf_counter()
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    seed_everything(recipe.seed)
+    model = AWDLSTM(corpus.vocab_size, config.model, config.dropout).to(device)
+    optimizer = NTASGD(model, config)
+
+    train_tokens = corpus.train[: recipe.train_tokens] if recipe.train_tokens else corpus.train
+    valid_tokens = corpus.valid[: recipe.valid_tokens] if recipe.valid_tokens else corpus.valid
+    train_data = batchify(train_tokens, recipe.batch_size).to(device)  # (L, B)
+    val_data = batchify(valid_tokens, recipe.eval_batch_size).to(device)
 
     start_epoch, epochs, best = 0, [], {"epoch": 0, "val_loss": math.inf, "model": None}
     last_path = best_path = None
@@ -201,13 +207,13 @@ def train_model(
             start_epoch, epochs, best_meta = _resume(last_path, config, model, optimizer)
             best = {**best_meta, "model": torch.load(best_path, weights_only=True, map_location=device)["model"]}
 
-    for epoch in range(start_epoch + 1, t.epochs + 1):
+    for epoch in range(start_epoch + 1, recipe.epochs + 1):
         # Seeding per epoch makes a resumed run continue exactly as an uninterrupted one would.
-        torch.manual_seed(t.seed * 100_003 + epoch)
-        rng = np.random.default_rng((t.seed, epoch))
-        train_loss, seconds, n_tokens = _train_epoch(model, optimizer, train_data, t, epoch, rng, progress)
+        torch.manual_seed(recipe.seed * 100_003 + epoch)
+        rng = np.random.default_rng((recipe.seed, epoch))
+        train_loss, seconds, n_tokens = _train_epoch(model, optimizer, train_data, recipe, epoch, rng, progress)
         with optimizer.averaged_weights():
-            val_loss = evaluate(model, val_data, t.bptt)
+            val_loss = evaluate(model, val_data, recipe.bptt)
             if val_loss < best["val_loss"]:
                 best = {"epoch": epoch, "val_loss": val_loss, "model": _own_storage(model.state_dict())}
                 if best_path is not None:
@@ -235,39 +241,42 @@ def train_model(
         if on_epoch is not None:
             on_epoch(result)
 
-    model.load_state_dict(best["model"])
-    test_data = batchify(corpus.test, t.test_batch_size).to(device)
-    test_loss = evaluate(model, test_data, t.bptt)
+    test_loss = None
+    if evaluate_test:
+        model.load_state_dict(best["model"])
+        test_data = batchify(corpus.test, recipe.test_batch_size).to(device)
+        test_loss = evaluate(model, test_data, recipe.bptt)
     averaged_from = next((e.epoch for e in epochs if e.averaging), None)
     return TrainResult(
         config=config, epochs=tuple(epochs), best_epoch=best["epoch"], best_val_ppl=perplexity(best["val_loss"]),
-        test_loss=test_loss, test_ppl=perplexity(test_loss), averaged_from_epoch=averaged_from,
+        test_loss=test_loss, test_ppl=None if test_loss is None else perplexity(test_loss),
+        averaged_from_epoch=averaged_from,
         seconds=time.perf_counter() - started, checkpoint=best_path,
     )
 
 
-def _train_epoch(model, optimizer: _Optimizer, train_data, t, epoch: int, rng, progress: bool):
+def _train_epoch(model, optimizer: NTASGD, train_data, recipe, epoch: int, rng, progress: bool):
     """One pass over the training split; returns (mean loss, seconds, tokens)."""
     model.train()
-    state = model.init_state(t.batch_size)
+    state = model.init_state(recipe.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     total, count, checked = train_data.new_zeros((), dtype=torch.float64), 0, 0
-    bar = tqdm(total=train_data.numel(), unit="tok", unit_scale=True, desc=f"epoch {epoch}/{t.epochs}",
+    bar = tqdm(total=train_data.numel(), unit="tok", unit_scale=True, desc=f"epoch {epoch}/{recipe.epochs}",
                disable=not progress, leave=False, dynamic_ncols=True)
     started = time.perf_counter()
-    for batch, (i, seq_len) in enumerate(bptt_positions(train_data, t.bptt, rng if t.variable_bptt else None)):
+    for batch, (i, seq_len) in enumerate(bptt_positions(train_data, recipe.bptt, rng if recipe.variable_bptt else None)):
         inputs, targets = get_batch(train_data, i, seq_len)  # (T, B) each
         group = optimizer.opt.param_groups[0]
         base_lr = group["lr"]
-        group["lr"] = base_lr * inputs.size(0) / t.bptt  # longer segments take proportionally larger steps
+        group["lr"] = base_lr * inputs.size(0) / recipe.bptt  # longer segments take proportionally larger steps
         state = detach_state(state)
         logits, state, raw, dropped = model(inputs, state)  # raw/dropped: last layer (T, B, E)
         raw_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        loss = raw_loss + t.alpha * dropped.pow(2).mean() + t.beta * (raw[1:] - raw[:-1]).pow(2).mean()
+        loss = raw_loss + recipe.alpha * dropped.pow(2).mean() + recipe.beta * (raw[1:] - raw[:-1]).pow(2).mean()
         optimizer.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if t.clip:
-            torch.nn.utils.clip_grad_norm_(params, t.clip)
+        if recipe.clip:
+            torch.nn.utils.clip_grad_norm_(params, recipe.clip)
         optimizer.opt.step()
         group["lr"] = base_lr
         total += raw_loss.detach().double() * targets.numel()

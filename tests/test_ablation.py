@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from harness.ablation import Ablation, run_ablation
-from harness.bench import EqualTasks
+from harness.bench import EqualTrials
 from harness.config import load_study
 from harness.scheduler import Scheduler, Slot, discover_slots
 from harness.tracking import Tracker
@@ -69,7 +69,7 @@ def test_cpu_slots_divide_the_cores():
 
 
 def test_slots_are_exclusive_and_never_idle_while_work_remains(tmp_path):
-    source = EqualTasks(tiny_study(tmp_path).run_config("locked_only"), 5, tmp_path)
+    source = EqualTrials(tiny_study(tmp_path).run_config("locked_only"), 5, tmp_path)
     Scheduler([Slot(0, "cpu", 1), Slot(1, "cpu", 1)], tick_seconds=0.2).run(source)
     running = {}
     for t, kind, slot, key, left in source.events:

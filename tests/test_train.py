@@ -10,7 +10,7 @@ from harness.config import DropoutConfig, ModelConfig, RunConfig, TrainConfig
 from harness.data import Corpus, load_corpus
 from harness.errors import UserError
 from harness.model import AWDLSTM
-from harness.train import TrainingDiverged, _Optimizer, train_model
+from harness.train import TrainingDiverged, NTASGD, train_model
 
 AWD = DropoutConfig(embedding=0.1, input=0.3, hidden=0.2, output=0.3, weight=0.4)
 
@@ -34,21 +34,21 @@ def config(**train) -> RunConfig:
 
 
 def test_nt_asgd_trigger_follows_the_reference_code():
-    opt = _Optimizer(AWDLSTM(10, ModelConfig(4, 4, 1), DropoutConfig()), config(nonmono=2))
+    opt = NTASGD(AWDLSTM(10, ModelConfig(4, 4, 1), DropoutConfig()), config(nonmono=2))
     opt.history = [5.0, 4.0, 3.0]
     assert not opt.should_trigger(3.5)  # better than min(history[:-2]) = 5.0
     assert opt.should_trigger(5.5)
     opt.history = [5.0, 4.0]
     assert not opt.should_trigger(9.0)  # needs more than nonmono logged epochs
     opt.history = [5.0, 4.0, 3.0]
-    sgd_only = _Optimizer(AWDLSTM(10, ModelConfig(4, 4, 1), DropoutConfig()), config(nonmono=2, optimizer="sgd"))
+    sgd_only = NTASGD(AWDLSTM(10, ModelConfig(4, 4, 1), DropoutConfig()), config(nonmono=2, optimizer="sgd"))
     sgd_only.history = opt.history
     assert not sgd_only.should_trigger(9.0)
 
 
 def test_averaging_covers_every_parameter_and_evaluates_averaged_weights():
     model = AWDLSTM(10, ModelConfig(4, 4, 2), DropoutConfig())
-    opt = _Optimizer(model, config())
+    opt = NTASGD(model, config())
     opt.start_averaging()
     assert isinstance(opt.opt, torch.optim.ASGD)
     assert {id(p) for g in opt.opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
