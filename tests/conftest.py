@@ -1,6 +1,14 @@
-"""Shared fixtures: the team's Penn Treebank copy and one real smoke-study run per test session."""
+"""Shared fixtures: the corpus tests train on, and one real smoke-study run per test session.
 
+The corpus is the Penn Treebank where there is one ($AWD_DATA_DIR/ptb if AWD_DATA_DIR is set, else the team
+folder's ../shared/data/ptb, as CI has), else a synthetic corpus from a known Markov chain (tests/synthetic.py)
+generated once per session, so a fresh clone passes offline. Tests that need PTB itself carry the `ptb`
+marker: skipped without it, a failure when AWD_REQUIRE_PTB=1 (CI sets it).
+"""
+
+import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -8,18 +16,63 @@ from pathlib import Path
 
 import pytest
 
+import synthetic
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SMOKE_STUDY = REPO / "studies" / "smoke.toml"
+REQUIRE_PTB_ENV = "AWD_REQUIRE_PTB"
+
+
+def _ptb_data_dir() -> Path | None:
+    """The folder holding ptb/: $AWD_DATA_DIR when set, else the team folder; None when PTB is not there."""
+    user_dir = os.environ.get("AWD_DATA_DIR")
+    data_dir = Path(user_dir).expanduser().absolute() if user_dir else SHARED_DATA
+    return data_dir if (data_dir / "ptb" / "ptb.train.txt").is_file() else None
+
+
+PTB_DATA_DIR = _ptb_data_dir()
+PTB = PTB_DATA_DIR / "ptb" if PTB_DATA_DIR else None  # the PTB folder, or None
+
+
+def pytest_runtest_setup(item):
+    if PTB is None and item.get_closest_marker("ptb") is not None:
+        where = f"{os.environ['AWD_DATA_DIR']}/ptb" if os.environ.get("AWD_DATA_DIR") else SHARED_DATA / "ptb"
+        if os.environ.get(REQUIRE_PTB_ENV) == "1":
+            pytest.fail(f"Penn Treebank not found at {where}, and {REQUIRE_PTB_ENV}=1 requires it")
+        pytest.skip(f"needs the Penn Treebank, not found at {where} (set AWD_DATA_DIR to the folder holding ptb/)")
 
 
 @pytest.fixture(scope="session", autouse=True)
-def data_dir():
-    """Point AWD_DATA_DIR at ../shared/data (read-only there in CI) for every test and subprocess."""
-    if not (SHARED_DATA / "ptb" / "ptb.train.txt").exists():
-        pytest.fail(f"Penn Treebank not found at {SHARED_DATA / 'ptb'}: tests need the team's shared data")
-    os.environ["AWD_DATA_DIR"] = str(SHARED_DATA)
-    return SHARED_DATA
+def data_dir(tmp_path_factory) -> Path:
+    """The folder AWD_DATA_DIR points at for every test and subprocess: PTB's parent, or a temp folder."""
+    if PTB_DATA_DIR is not None:
+        os.environ["AWD_DATA_DIR"] = str(PTB_DATA_DIR)
+        return PTB_DATA_DIR
+    if os.environ.get("AWD_DATA_DIR"):  # the user's folder, without PTB: leave it, fetch nothing into it
+        return Path(os.environ["AWD_DATA_DIR"])
+    folder = tmp_path_factory.mktemp("data")
+    os.environ["AWD_DATA_DIR"] = str(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def test_corpus(data_dir, tmp_path_factory) -> str:
+    """What a study file's `corpus = "..."` names for tests: "ptb" where there is PTB, else the absolute path
+    of the synthetic corpus (tests/synthetic.py), written once per session."""
+    if PTB is not None:
+        return "ptb"
+    return str(synthetic.write_corpus(tmp_path_factory.mktemp("synthetic") / "synthetic"))
+
+
+def with_corpus(study_text: str, corpus: str) -> str:
+    """The study file text with its [study] corpus replaced by `corpus` (e.g. the test_corpus fixture)."""
+    # A JSON string is a valid TOML basic string (quotes and backslashes escaped the same way).
+    new, count = re.subn(r'(?m)^corpus\s*=\s*(["\']).*?\1\s*$', lambda m: f"corpus = {json.dumps(corpus)}",
+                         study_text, count=1)
+    if count != 1:
+        raise ValueError("the study text has no `corpus = \"...\"` line to replace")
+    return new
 
 
 @dataclass(frozen=True)
@@ -42,11 +95,22 @@ def run_harness(*args, cwd, timeout=600, check=True):
     return proc
 
 
+def study_for_tests(study: Path, corpus: str, folder: Path) -> Path:
+    """`study` itself when it already names `corpus`, else a copy in folder that names it instead."""
+    text = study.read_text(encoding="utf-8")
+    if re.search(rf'(?m)^corpus\s*=\s*"{re.escape(corpus)}"\s*$', text):
+        return study
+    copy = folder / study.name
+    copy.write_text(with_corpus(text, corpus), encoding="utf-8")
+    return copy
+
+
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory, data_dir) -> SmokeRun:
-    """studies/smoke.toml run once, end to end, with two CPU workers."""
+def smoke_run(tmp_path_factory, test_corpus) -> SmokeRun:
+    """studies/smoke.toml run once, end to end, with two CPU workers (on the synthetic corpus without PTB)."""
     workdir = tmp_path_factory.mktemp("smoke")
+    study = study_for_tests(SMOKE_STUDY, test_corpus, workdir)
     storage, uri = f"sqlite:///{workdir / 'optuna.db'}", f"sqlite:///{workdir / 'mlflow.db'}"
-    proc = run_harness("ablate", SMOKE_STUDY, "--storage", storage, "--tracking-uri", uri,
+    proc = run_harness("ablate", study, "--storage", storage, "--tracking-uri", uri,
                        "--devices", "cpu", "--trials-per-device", 2, "--runs-dir", workdir / "runs", cwd=workdir)
-    return SmokeRun(workdir, SMOKE_STUDY, storage, uri, proc.stdout + proc.stderr)
+    return SmokeRun(workdir, study, storage, uri, proc.stdout + proc.stderr)

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import PTB
 from harness import data
 from harness.errors import UserError
 
-PTB = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb"
 # Whitespace tokens plus one <eos> per line, counted independently with awk '{n += NF + 1}'.
 PTB_TOKENS = {"train": 929_589, "valid": 73_760, "test": 82_430}
 PLAIN = {split: f"{split}.txt" for split in ("train", "valid", "test")}
@@ -68,7 +68,7 @@ def forbid_tokenising(monkeypatch) -> None:
 
 @pytest.fixture(scope="module")
 def ptb(tmp_path_factory):
-    """PTB loaded once from the shared folder (maybe read-only) with its cache in a temp dir, not beside it."""
+    """PTB loaded once from its folder (maybe read-only) with its cache in a temp dir, not beside it."""
     cache_dir = tmp_path_factory.mktemp("ptb-cache")
     listing = sorted(os.listdir(PTB))
     with pytest.MonkeyPatch.context() as mp:
@@ -78,6 +78,7 @@ def ptb(tmp_path_factory):
     return corpus, cache_dir, listing
 
 
+@pytest.mark.ptb
 def test_ptb_loads_with_known_sizes(ptb):
     corpus, _, listing = ptb
     assert corpus.name == "ptb" and corpus.path == PTB
@@ -95,6 +96,7 @@ def test_ptb_loads_with_known_sizes(ptb):
     assert sorted(os.listdir(PTB)) == listing  # nothing written beside the shared data
 
 
+@pytest.mark.ptb
 def test_ptb_second_load_uses_cache(ptb, monkeypatch):
     corpus, cache_dir, _ = ptb
     monkeypatch.setenv(data.CACHE_DIR_ENV, str(cache_dir))

@@ -140,6 +140,7 @@ def test_callback_sees_every_epoch_and_can_stop_the_run():
     assert all(e.tokens_per_s > 0 and e.epoch_seconds > 0 and math.isfinite(e.val_ppl) for e in seen)
 
 
+@pytest.mark.ptb
 def test_short_real_ptb_run_lowers_validation_perplexity():
     corpus = load_corpus("ptb")
     run = RunConfig("ptb", "awd", ModelConfig(32, 64, 2), AWD, TrainConfig(
