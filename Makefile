@@ -17,7 +17,7 @@ STORAGE ?= sqlite:///optuna.db
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
 
-.PHONY: install test ablation worker report ui bench clean
+.PHONY: install test ablation worker report ui bench clean mutants
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,13 @@ ui: install
 
 bench: install
 	$(BIN)/python -m harness bench
+
+# Mutation testing of harness/{dropout,model,train}.py against the fast tests ([tool.mutmut] in pyproject.toml),
+# then the score per file. One mutant at a time by default, one torch thread each: every mutant runs CPU tests.
+MUTANT_CHILDREN ?= 1
+mutants: install
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTANT_CHILDREN)
+	$(BIN)/python tests/mutation_score.py
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -29,7 +29,7 @@ def tiny_corpus(n_train=3000, vocab=40) -> Corpus:
 
 
 def config(**train) -> RunConfig:
-    settings = dict(epochs=3, batch_size=4, eval_batch_size=4, test_batch_size=4, bptt=10, lr=5.0, seed=3)
+    settings = dict(epochs=3, batch_size=4, eval_batch_size=4, test_batch_size=4, bptt=10, lr=5.0, seed=3, threads=1)
     return RunConfig("tiny", "awd", ModelConfig(16, 24, 2), AWD, TrainConfig(**{**settings, **train}))
 
 
