@@ -4,10 +4,12 @@
     python -m harness worker studies/ablation.toml --storage postgresql://... --tracking-uri http://...
 
 Every variant gets the same trial budget. A coordinator hands trials to its free device slots (search trials
-first, a variant's confirmation seeds as soon as its search is settled), writes Optuna and MLflow for them,
-and prints a live view. On a shared PostgreSQL storage one coordinator per machine (`worker`) works on the
-same study until nothing is left anywhere. Re-running the same command resumes: finished trials are kept,
-interrupted or stale ones are retried, nothing is logged twice.
+first, a variant's confirmation seeds as soon as its search is settled), records what happened in the ledger
+(Optuna: harness.ledger) and the tracker (MLflow: harness.tracking), and prints a live view. The rules about
+the study's state live in the ledger; this module keeps the scheduling policy and maps each outcome to both
+records. On a shared PostgreSQL storage one coordinator per machine (`worker`) works on the same study until
+nothing is left anywhere. Re-running the same command resumes: finished trials are kept, interrupted or stale
+ones are retried, nothing is logged twice.
 """
 
 import os
@@ -15,27 +17,19 @@ import socket
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import TrialState
-
 from harness.config import StudyConfig
-from harness.data import load_corpus
-from harness.errors import UserError
+from harness.data import find_split_files, load_corpus
+from harness.ledger import (
+    CONFIRM, PHASES, SEARCH, Claim, Ledger, TrialLost, open_storage, optuna_name, trials_for,
+)
 from harness.scheduler import Outcome, Scheduler, Slot, Task, describe_slots, device_name
-from harness.search import (
-    CONFIRM, SEARCH, best_params, counts, fail_stale, fail_trial, open_study, optuna_name, pop_trial, search_space,
-    settled, tell_result, trials_for,
-)
-from harness.stores import (
-    HEARTBEAT, STORAGE_ERRORS, Heartbeat, LocalLock, check_tracking, is_shared, open_storage, redact, study_lock,
-)
+from harness.stores import HEARTBEAT, LocalLock, check_tracking, redact
 from harness.tracking import Tracker, package_versions
 
 SUMMARY_EVERY = 120.0  # seconds between live-view tables
-RECONNECT_SECONDS = 300  # how long a coordinator keeps retrying a storage that went away before it gives up
 POLL_SECONDS = 5  # how often an idle coordinator looks for retries and confirmation seeds left by other machines
 
 
@@ -57,170 +51,101 @@ def git_commit() -> str:
 class _Live:
     """A trial in flight on this machine."""
 
-    variant: str
-    phase: str
-    trial: object  # optuna.trial.Trial
+    claim: Claim
     run_id: str
-    started: float
+    started: float = field(default_factory=time.monotonic)
     lost: bool = False  # another machine failed it as stale; its retry counts, not this run
 
 
 class Ablation:
-    """The TaskSource of a study on this machine: decides what runs next and records what happened.
+    """The TaskSource of a study on this machine: decides what runs next and records what happened."""
 
-    `storage` is an Optuna storage URL or one opened by harness.stores.open_storage.
-    """
-
-    def __init__(self, study: StudyConfig, storage, tracker: Tracker, runs_dir: Path, log=print):
-        self.study, self.tracker, self.runs_dir, self.log = study, tracker, runs_dir, log
-        self.storage = open_storage(storage) if isinstance(storage, str) else storage
-        self.shared = is_shared(self.storage)
-        self.heartbeat = Heartbeat(self.storage)
-        self.max_epochs = study.budget.epochs or study.fixed.train.epochs
+    def __init__(self, study: StudyConfig, ledger: Ledger, tracker: Tracker, runs_dir: Path, log=print):
+        self.study, self.ledger, self.tracker, self.runs_dir, self.log = study, ledger, tracker, runs_dir, log
         self.variants = list(study.variants)
-        with self.lock():
-            self.studies = {
-                v: {phase: open_study(self.storage, study, v, phase, self.max_epochs) for phase in (SEARCH, CONFIRM)}
-                for v in self.variants
-            }
-            for v in self.variants:  # parent runs made once, however many machines start at the same moment
+        with ledger.lock():  # parent runs made once, however many machines start at the same moment
+            for v in self.variants:
                 tracker.parent_run(v)
-            if self.shared:
-                self._check_heartbeat(self.studies[self.variants[0]][SEARCH])
         self.coordinator = f"{socket.gethostname()}/{os.getpid()}"
         self.live: dict[str, _Live] = {}
         self.device_names: dict[str, str] = {}
         self.durations: list[float] = []
-        self.nothing_to_confirm: set[str] = set()
         self.stopping = False
         self.n_slots = 1
-        self.started = time.monotonic()
-        self.last_summary = time.monotonic()
-        self.last_sweep = time.monotonic()
-        self.outage_since: float | None = None
-        self.no_verdicts_until = 0.0
+        self.started = self.last_summary = self.last_sweep = time.monotonic()
         self.waiting_for: int | None = None
 
-    def lock(self):
-        """Serializes this study's check-then-write steps across machines."""
-        return study_lock(self.storage, self.study.name)
-
-    def _check_heartbeat(self, ostudy) -> None:
-        # A machine beating more often than the others would judge their healthy trials stale.
-        recorded = ostudy.user_attrs.get("heartbeat_seconds")
-        if recorded is None:
-            ostudy.set_user_attr("heartbeat_seconds", self.heartbeat.interval)
-        elif recorded != self.heartbeat.interval:
-            raise UserError(f"--heartbeat {self.heartbeat.interval}: the machines on this study beat every {recorded} "
-                            f"s; pass --heartbeat {recorded}")
-
     # --- what runs next -------------------------------------------------------------------------------
-    def search_settled(self, variant: str) -> bool:
-        c = counts(self.studies[variant][SEARCH])
-        return settled(c) >= trials_for(self.study, variant) and not c["running"] and not c["waiting"]
-
-    def _enqueue_confirmation(self, variant: str) -> None:
-        confirm = self.studies[variant][CONFIRM]
-        if variant in self.nothing_to_confirm or not self.study.budget.confirm_seeds:
-            return
-        if confirm.get_trials(deepcopy=False):
-            return
-        with self.lock():
-            if confirm.get_trials(deepcopy=False):
-                return  # another machine enqueued them a moment ago
-            best = best_params(self.studies[variant][SEARCH])
-            if best is None:
-                self.nothing_to_confirm.add(variant)
-                self.log(f"{variant}: no search trial finished, so there is nothing to confirm")
-                return
-            params, value = best
-            for seed in self.study.budget.confirm_seeds:
-                confirm.enqueue_trial(params, user_attrs={"seed": seed, "attempt": 1, "search_best_val_ppl": value})
-        self.tracker.summarize_variant(variant, {"search_best_val_ppl": value},
-                                       {f"best.{k}": f"{v:.4g}" for k, v in params.items()})
-
     def next_task(self, slot: Slot) -> Task | None:
         """Search trials first (the variant with the most waiting), then confirmation seeds."""
-        # Retrying after a storage error may leave a trial popped but never started: without heartbeats it
-        # goes stale and is retried.
-        return self._patiently(lambda: self._next_task(slot))
-
-    def _next_task(self, slot: Slot) -> Task | None:
-        waiting = {v: counts(self.studies[v][SEARCH])["waiting"] for v in self.variants}
+        waiting = {v: self.ledger.waiting(v, SEARCH) for v in self.variants}
         for variant in sorted((v for v in self.variants if waiting[v]), key=waiting.get, reverse=True):
-            trial = pop_trial(self.studies[variant][SEARCH], search_space(self.study, variant), self.heartbeat.beat)
-            if trial is not None:
-                return self._start(variant, SEARCH, trial, slot)
+            claim = self.ledger.claim(variant, SEARCH)
+            if claim is not None:
+                return self._start(claim, slot)
         for variant in self.variants:
-            if self.search_settled(variant):
-                self._enqueue_confirmation(variant)
-                trial = pop_trial(self.studies[variant][CONFIRM], {}, self.heartbeat.beat)
-                if trial is not None:
-                    return self._start(variant, CONFIRM, trial, slot)
+            best = self.ledger.enqueue_confirmation(variant)
+            if best is not None:
+                params, value, number = best
+                self.tracker.summarize_variant(variant, {"search_best_val_ppl": value},
+                                               {"best_trial": number, **{f"best.{k}": f"{v:.4g}"
+                                                                         for k, v in params.items()}})
+                self.log(f"{self._clock()} {variant}: search settled, best val ppl {value:.2f} (trial {number})"
+                         f"{self._params(params)}; confirming over {len(self.study.budget.confirm_seeds)} seeds")
+            claim = self.ledger.claim(variant, CONFIRM)
+            if claim is not None:
+                return self._start(claim, slot)
         return None
 
-    def _start(self, variant: str, phase: str, trial, slot: Slot) -> Task:
-        attrs = trial.user_attrs
-        if "attempt" not in attrs:
-            trial.set_user_attr("attempt", 1)
-        seed = int(attrs.get("seed", self.study.fixed.train.seed))
-        overrides = {**trial.params, "train.seed": seed, "train.epochs": self.max_epochs}
-        config = self.study.run_config(variant, overrides)
-        name = f"{variant} {phase} #{trial.number}" + (f" seed {seed}" if phase == CONFIRM else "")
-        trial.set_user_attr("device", slot.device)
-        trial.set_user_attr("coordinator", self.coordinator)
+    def _start(self, claim: Claim, slot: Slot) -> Task:
+        seed = claim.seed if claim.phase == CONFIRM else self.study.fixed.train.seed
+        overrides = {**claim.params, "train.seed": seed, "train.epochs": self.ledger.max_epochs}
+        config = self.study.run_config(claim.variant, overrides)
+        name = f"{claim.variant} {claim.phase} #{claim.number}" + (f" seed {seed}" if claim.phase == CONFIRM else "")
         run_id = self.tracker.start_run(config, name, {
-            "phase": phase, "trial": trial.number, "seed": seed, "device": slot.device,
+            "phase": claim.phase, "trial": claim.number, "seed": seed, "device": slot.device,
             "device_name": self.device_names.setdefault(slot.device, device_name(slot.device)),
-            "coordinator": self.coordinator,
-            "attempt": attrs.get("attempt", 1), "optuna_study": optuna_name(self.study, variant, phase),
-            **({"retry_of": attrs["retry_of"]} if "retry_of" in attrs else {}),
+            "coordinator": self.coordinator, "attempt": claim.attempt,
+            "optuna_study": optuna_name(self.study, claim.variant, claim.phase),
+            **({"retry_of": claim.retry_of} if claim.retry_of is not None else {}),
         })
-        trial.set_user_attr("mlflow_run_id", run_id)
-        key = f"{variant}/{phase}/{trial.number}"
-        self.live[key] = _Live(variant, phase, trial, run_id, time.monotonic())
-        self.heartbeat.add(trial._trial_id)
-        checkpoints = self.runs_dir / self.study.name / variant / phase / f"trial-{trial.number}"
-        return Task(key, config.to_dict(), str(checkpoints), prunable=phase == SEARCH)
+        self.ledger.annotate(claim, {"device": slot.device, "coordinator": self.coordinator, "mlflow_run_id": run_id})
+        self.live[claim.key] = _Live(claim, run_id)
+        checkpoints = self.runs_dir / self.study.name / claim.variant / claim.phase / f"trial-{claim.number}"
+        return Task(claim.key, config.to_dict(), str(checkpoints), prunable=claim.phase == SEARCH,
+                    evaluate_test=claim.phase == CONFIRM)
 
     # --- what happened --------------------------------------------------------------------------------
     def on_start(self, task: Task, slot: Slot) -> None:
         live = self.live[task.key]
-        self.log(f"{self._clock()} start  {task.key} on {slot.device}{self._params(live.trial.params)}")
+        self.log(f"{self._clock()} start  {task.key} on {slot.device}{self._params(live.claim.params)}")
 
     def on_epoch(self, task: Task, epoch: dict) -> bool:
         live = self.live[task.key]
         if live.lost:
             return False
         self.tracker.log_epoch(live.run_id, epoch)
-        if live.phase != SEARCH:
-            return True
-
-        def report() -> bool:
-            try:
-                live.trial.report(epoch["val_ppl"], int(epoch["epoch"]))
-            except UpdateFinishedTrialError:
-                live.lost = True  # failed as stale elsewhere while this machine could not beat: stop it
-                return False
-            return not live.trial.should_prune()
-
-        return self._patiently(report)
+        try:
+            return self.ledger.report_epoch(live.claim, int(epoch["epoch"]), epoch["val_ppl"])
+        except TrialLost:
+            live.lost = True  # failed as stale elsewhere while this machine could not beat: stop it
+            return False
 
     def on_done(self, task: Task, slot: Slot, outcome: Outcome) -> None:
         live = self.live.pop(task.key)
-        self.heartbeat.discard(live.trial._trial_id)
-        ostudy = self.studies[live.variant][live.phase]
-        seconds = time.monotonic() - live.started
+        claim, seconds = live.claim, time.monotonic() - live.started
         if outcome.status in ("finished", "pruned") and not live.lost:
-            result = outcome.result if outcome.status == "finished" else {"seconds": seconds}
             if outcome.status == "finished":
-                attrs = {key: result[key] for key in ("test_ppl", "best_epoch", "seconds")}
-                told = self._patiently(lambda: tell_result(ostudy, live.trial, result["best_val_ppl"],
-                                                           TrialState.COMPLETE, attrs))
-                what = (f"val ppl {result['best_val_ppl']:.2f} (epoch {result['best_epoch']}), "
-                        f"test ppl {result['test_ppl']:.2f}")
+                result = outcome.result
+                attrs = {key: result[key] for key in ("best_epoch", "seconds") if result.get(key) is not None}
+                if claim.phase == CONFIRM:
+                    attrs["test_ppl"] = result["test_ppl"]
+                told = self.ledger.finish(claim, result["best_val_ppl"], attrs)
+                what = f"val ppl {result['best_val_ppl']:.2f} (epoch {result['best_epoch']})" + (
+                    f", test ppl {result['test_ppl']:.2f}" if claim.phase == CONFIRM else "")
             else:
-                told = self._patiently(lambda: tell_result(ostudy, live.trial, None, TrialState.PRUNED, {}))
+                result = {"seconds": seconds}
+                told = self.ledger.prune(claim)
                 what = "pruned"
             live.lost = not told
             if told:
@@ -231,137 +156,76 @@ class Ablation:
             self.tracker.finish(live.run_id, "failed", reason=what, result={"seconds": seconds})
         elif outcome.status not in ("finished", "pruned"):
             interrupted = self.stopping
-
-            def fail():
-                with self.lock():
-                    return fail_trial(ostudy, live.trial._trial_id, outcome.reason, self.study.budget.max_retries,
-                                      counts=not interrupted)
-
-            retried = self._patiently(fail)
+            retried = self.ledger.fail(claim, outcome.reason, interrupted=interrupted)
             self.tracker.finish(live.run_id, "interrupted" if interrupted else "failed", reason=outcome.reason,
                                 result={"seconds": seconds})
             last_line = outcome.reason.strip().splitlines()[-1] if outcome.reason.strip() else "no reason"
             what = f"{'interrupted' if interrupted else 'FAILED'}: {last_line}" + (
                 " (will be retried)" if retried else " (retries used up)" if retried is False else "")
         self.log(f"{self._clock()} {outcome.status:<8} {task.key} on {slot.device} after {seconds:.0f} s: {what}")
-        if live.phase == CONFIRM and not self.stopping:
-            self._patiently(lambda: self._summarize_confirmation(live.variant))
+        if not self.stopping:
+            self.settle(claim.variant)
 
-    def _summarize_confirmation(self, variant: str) -> None:
-        confirm = self.studies[variant][CONFIRM]
-        c = counts(confirm)
-        if c["waiting"] or c["running"]:
+    def settle(self, variant: str) -> None:
+        """Once a variant has settled: its confirmation summary on the parent run, and the parent run ended."""
+        if not self.ledger.variant_settled(variant):
             return
-        tests = [t.user_attrs["test_ppl"] for t in confirm.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        tests = self.ledger.confirmation_results(variant)
         if tests:
+            values = list(tests.values())
             self.tracker.summarize_variant(variant, {
-                "confirm_test_ppl_mean": statistics.fmean(tests),
-                "confirm_test_ppl_sd": statistics.stdev(tests) if len(tests) > 1 else None,
-                "confirm_seeds": len(tests),
+                "confirm_test_ppl_mean": statistics.fmean(values),
+                "confirm_test_ppl_sd": statistics.stdev(values) if len(values) > 1 else None,
+                "confirm_seeds": len(values),
             }, {})
+        finished = tests or self.ledger.tally(variant, SEARCH).finished
+        self.tracker.set_parent_state(variant, "finished" if finished else "failed")
+
+    def open_parents(self) -> None:
+        """At start: the parent runs of unsettled variants are RUNNING (again, on resume); settled ones ended."""
+        for variant in self.variants:
+            if self.ledger.variant_settled(variant):
+                self.settle(variant)
+            else:
+                self.tracker.set_parent_state(variant, "running")
+
+    def interrupt(self) -> None:
+        """After Ctrl-C or SIGTERM: parent runs of the variants nobody works on any more end as interrupted."""
+        for variant in self.variants:
+            if not self.ledger.variant_settled(variant) and not any(
+                    self.ledger.tally(variant, phase).running for phase in PHASES):
+                self.tracker.set_parent_state(variant, "interrupted")
 
     def on_tick(self) -> None:
-        if self.shared and time.monotonic() - self.last_sweep >= self.heartbeat.interval:
-            self._patiently(self.sweep)
+        if self.ledger.shared and time.monotonic() - self.last_sweep >= self.ledger.heartbeat.interval:
+            self.sweep()
         if time.monotonic() - self.last_summary >= SUMMARY_EVERY:
             self.log(self.summary())
 
-    # --- machines and servers that go away ------------------------------------------------------------
+    # --- machines that go away --------------------------------------------------------------------------
     def sweep(self) -> None:
-        """Fail and retry the trials that no coordinator runs any more, and close their MLflow runs.
-
-        On SQLite this coordinator is the only one, so every running trial not in flight here was interrupted
-        (counts no attempt). On PostgreSQL a trial belongs to another machine until its heartbeats stop.
-        """
+        """Fail and retry the trials no coordinator runs any more (see Ledger.sweep), and close their MLflow runs."""
         self.last_sweep = time.monotonic()
-        if time.monotonic() < self.no_verdicts_until:
-            return
-        # Our own trials are fresh even if the heartbeat thread could not reach the storage for a while.
-        self.heartbeat.beat_all()
-        retries = self.study.budget.max_retries
-        if self.shared:
-            reason = f"stale: no heartbeat for {self.heartbeat.grace} s; the machine or coordinator running it stopped"
-        else:
-            reason = "interrupted: the coordinator stopped while it ran"
-        running_here = {live.trial._trial_id for live in self.live.values()}
-        for variant in self.variants:
-            for phase in (SEARCH, CONFIRM):
-                ostudy = self.studies[variant][phase]
-                with self.lock():
-                    if self.shared:
-                        ended = fail_stale(ostudy, reason, retries)
-                    else:
-                        ended = []
-                        for t in ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                            if t._trial_id not in running_here:
-                                fail_trial(ostudy, t._trial_id, reason, retries, counts=False)
-                                ended.append(t)
-                for frozen in ended:
-                    closed = self.tracker.close_trial_runs(optuna_name(self.study, variant, phase), frozen.number,
-                                                           "failed" if self.shared else "interrupted", reason)
-                    self.log(f"{self._clock()} retry  {variant}/{phase}/{frozen.number} (it ran on "
-                             f"{frozen.user_attrs.get('coordinator', 'an unknown coordinator')}): {reason}"
-                             + (f"; {closed} MLflow run closed" if closed else ""))
-
-    def _outage(self, err: Exception) -> None:
-        """Note that the storage is away; give up once it has been for RECONNECT_SECONDS."""
-        now = time.monotonic()
-        if self.outage_since is None:
-            self.outage_since = now
-            self.log(f"{self._clock()} the Optuna storage {redact(self.storage.url)} does not answer "
-                     f"({type(err).__name__}); retrying for up to {RECONNECT_SECONDS} s")
-        elif now - self.outage_since > RECONNECT_SECONDS:
-            raise UserError(
-                f"the Optuna storage {redact(self.storage.url)} did not answer for {RECONNECT_SECONDS} s; the trials "
-                "running here will be retried by the other machines, or when this command is run again"
-            ) from None
-
-    def _patiently(self, step):
-        """step(), retried while the storage is away (a server restart), for up to RECONNECT_SECONDS."""
-        delay = 1.0
-        while True:
-            try:
-                result = step()
-            except STORAGE_ERRORS as err:
-                self._outage(err)
-                time.sleep(delay)
-                delay = min(2 * delay, 10.0)
-                continue
-            if self.outage_since is not None:
-                self.log(f"{self._clock()} the Optuna storage answers again after "
-                         f"{time.monotonic() - self.outage_since:.0f} s")
-                self.outage_since = None
-                # Every machine's heartbeats were blocked too: let them beat again before judging any stale.
-                self.no_verdicts_until = time.monotonic() + (self.heartbeat.grace or 0)
-            return result
-
-    def complete(self) -> bool:
-        """Nothing waits or runs anywhere and every confirmation is enqueued (or has nothing to confirm)."""
-        return self._patiently(self._complete)
-
-    def _complete(self) -> bool:
-        for variant in self.variants:
-            if not self.search_settled(variant):
-                return False
-            confirm = self.studies[variant][CONFIRM]
-            c = counts(confirm)
-            if c["waiting"] or c["running"]:
-                return False
-            seeds = self.study.budget.confirm_seeds
-            if seeds and not confirm.get_trials(deepcopy=False) and best_params(self.studies[variant][SEARCH]):
-                return False
-        return True
+        running_here = {live.claim.trial_id for live in self.live.values()}
+        state = "failed" if self.ledger.shared else "interrupted"
+        for swept in self.ledger.sweep(running_here):
+            reason = ("stale: its machine stopped sending heartbeats" if self.ledger.shared
+                      else "interrupted: the coordinator stopped while it ran")
+            closed = self.tracker.close_trial_runs(optuna_name(self.study, swept.variant, swept.phase), swept.number,
+                                                   state, reason)
+            self.log(f"{self._clock()} retry  {swept.variant}/{swept.phase}/{swept.number} (it ran on "
+                     f"{swept.coordinator}): {reason}" + (f"; {closed} MLflow run closed" if closed else "")
+                     + ("" if swept.retried else "; retries used up"))
 
     def wait_for_others(self) -> None:
         """Nothing to start here: wait a heartbeat while other machines run the last trials, then sweep."""
-        running = self._patiently(lambda: sum(counts(self.studies[v][p])["running"]
-                                              for v in self.variants for p in (SEARCH, CONFIRM)))
+        running = sum(self.ledger.tally(v, p).running for v in self.variants for p in PHASES)
         if running and running != self.waiting_for:
             self.log(f"{self._clock()} waiting for {running} trial{'s' * (running > 1)} running on other machines "
                      "(any whose machine stops is retried here)")
         self.waiting_for = running
-        time.sleep(min(self.heartbeat.interval or 1, POLL_SECONDS))
-        self._patiently(self.sweep)
+        time.sleep(min(self.ledger.heartbeat.interval or 1, POLL_SECONDS))
+        self.sweep()
 
     # --- the live view --------------------------------------------------------------------------------
     def _clock(self) -> str:
@@ -372,36 +236,21 @@ class Ablation:
     def _params(params: dict) -> str:
         return (" with " + ", ".join(f"{k.split('.')[-1]} {v:.3g}" for k, v in params.items())) if params else ""
 
-    def remaining(self) -> int:
-        """Trials still to start, on any machine."""
-        left = 0
-        for v in self.variants:
-            left += counts(self.studies[v][SEARCH])["waiting"]
-            confirm = self.studies[v][CONFIRM]
-            if confirm.get_trials(deepcopy=False):
-                left += counts(confirm)["waiting"]
-            elif v not in self.nothing_to_confirm:
-                left += len(self.study.budget.confirm_seeds)
-        return left
-
     def summary(self) -> str:
-        """Trials done, running, pruned and failed per variant, best so far, time left."""
-        return self._patiently(self._summary)
-
-    def _summary(self) -> str:
+        """Trials done, pruned, failed, interrupted and running per variant, best so far, time left."""
         self.last_summary = time.monotonic()
-        lines = [f"{self._clock()} {self.study.name}: {len(self.live)} running here"]
-        lines.append(f"  {'variant':<18} {'search: done/pruned/failed/running of N':<40} {'best val ppl':>12}   confirm")
+        seeds = len(self.study.budget.confirm_seeds)
+        lines = [f"{self._clock()} {self.study.name}: {len(self.live)} running here",
+                 f"  {'variant':<18} {'search: done / pruned / failed / interrupted / running of N':<58} "
+                 f"{'best val ppl':>12}   confirm"]
         for v in self.variants:
-            s, c = counts(self.studies[v][SEARCH]), counts(self.studies[v][CONFIRM])
-            best = best_params(self.studies[v][SEARCH])
-            seeds = len(self.study.budget.confirm_seeds)
+            s, c = self.ledger.tally(v, SEARCH), self.ledger.tally(v, CONFIRM)
+            best = self.ledger.best(v)
             lines.append(
-                f"  {v:<18} {s['finished']:>3} / {s['pruned']:>3} / {s['failed'] + s['retried']:>3} / {s['running']:>2}"
-                f" of {trials_for(self.study, v):<17} {best[1] if best else float('nan'):>12.2f}   "
-                f"{c['finished']}/{seeds}" + (f" ({c['running']} running)" if c["running"] else "")
-            )
-        left = self.remaining()
+                f"  {v:<18} {s.finished:>4} / {s.pruned:>6} / {s.failed + s.retried:>6} / {s.interrupted:>11} / "
+                f"{s.running:>7} of {trials_for(self.study, v):<5} {best[1] if best else float('nan'):>12.2f}   "
+                f"{c.finished}/{seeds}" + (f" ({c.running} running)" if c.running else ""))
+        left = self.ledger.remaining()
         if self.durations:
             eta = statistics.fmean(self.durations) * (left + len(self.live) / 2) / self.n_slots
             lines.append(f"  {left} trials to start; about {eta / 60:.0f} min left at this machine's pace")
@@ -415,35 +264,39 @@ def run_ablation(study: StudyConfig, *, storage: str, tracking_uri: str, slots: 
     """Run (or resume) the study on this machine's slots until nothing is left on any machine."""
     corpus = load_corpus(study.corpus, log=log)  # a corpus problem is reported before any server is contacted
     check_tracking(tracking_uri)
-    with LocalLock(storage):
-        optuna_storage = open_storage(storage, heartbeat)
-        md5 = ",".join(f"{split}={digest}" for split, digest in sorted(corpus.md5.items()))
-        tracker = Tracker(tracking_uri, study, {
-            "study": study.name, "study_digest": study.digest, "git_commit": git_commit(), "corpus": corpus.name,
-            "corpus_md5": md5, "versions": package_versions(),
+    identity = study.identity(corpus.md5, find_split_files(corpus.path))
+    with LocalLock(storage, tracking_uri):
+        ledger = Ledger(study, open_storage(storage, heartbeat), identity, log=log)
+        tracker = Tracker(tracking_uri, study, identity, {
+            "study": study.name, "git_commit": git_commit(), "corpus": corpus.name, "versions": package_versions(),
+            **identity.as_attrs(),
         })
-        ablation = Ablation(study, optuna_storage, tracker, runs_dir, log)
-        if not ablation.shared:
+        ablation = Ablation(study, ledger, tracker, runs_dir, log)
+        if not ledger.shared:
             ablation.sweep()  # the previous coordinator's trials, interrupted when it stopped
             closed = tracker.close_stale_runs()  # and MLflow runs it started before their trial was recorded
             if closed:
                 log(f"resuming: {closed} more MLflow runs marked interrupted")
+        ablation.open_parents()
         log(f"{study.name}: {len(ablation.variants)} variants, {study.budget.trials} trials each "
-            f"(max {ablation.max_epochs} epochs), {len(study.budget.confirm_seeds)} confirmation seeds; "
+            f"(max {ledger.max_epochs} epochs), {len(study.budget.confirm_seeds)} confirmation seeds; "
             f"{describe_slots(slots)}" + (f"; shared with other machines through {redact(storage)}"
-                                          if ablation.shared else ""))
+                                          if ledger.shared else ""))
         scheduler = Scheduler(slots)
         ablation.n_slots = len(slots)
-        with ablation.heartbeat:
+        with ledger.heartbeat:
             try:
                 while True:
                     scheduler.run(ablation)
-                    if ablation.complete():
+                    if ledger.complete():
                         break
                     ablation.wait_for_others()
             except KeyboardInterrupt:
                 ablation.stopping = True
                 scheduler.stop(ablation, "interrupted (Ctrl-C)")
+                ablation.interrupt()
                 raise
+        for variant in ablation.variants:
+            ablation.settle(variant)
         log(ablation.summary())
         return ablation

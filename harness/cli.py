@@ -4,6 +4,8 @@ User mistakes surface as one line on stderr and a non-zero exit code, never a tr
 """
 
 import argparse
+import logging
+import os
 import shutil
 import signal
 import sys
@@ -88,13 +90,15 @@ def cmd_ablate(args) -> int:
     from harness.config import load_study
     from harness.report import build_report
     from harness.stores import redact
+    from harness.tracking import ui_command
 
     study = load_study(args.study)
     if not _coordinate(args, study):
         return 130
     report = build_report(study, args.tracking_uri, args.storage, Path(args.reports_dir))
-    print(f"results:\n  report      {report}\n  MLflow      {redact(args.tracking_uri)} (browse: make ui)\n"
-          f"  Optuna      {redact(args.storage)}\n  checkpoints {Path(args.runs_dir) / study.name}")
+    print(f"results:\n  report      {report}\n  MLflow      {redact(args.tracking_uri)}; browse: "
+          f"{ui_command(args.tracking_uri)}\n  Optuna      {redact(args.storage)}\n"
+          f"  checkpoints {Path(args.runs_dir) / study.name}")
     return 0
 
 
@@ -114,8 +118,9 @@ def cmd_worker(args) -> int:
 def cmd_report(args) -> int:
     """Rebuild a study's HTML report from what MLflow and Optuna hold."""
     from harness.config import load_study
+    from harness.ledger import check_storage
     from harness.report import build_report
-    from harness.stores import check_storage, check_tracking
+    from harness.stores import check_tracking
 
     study = load_study(args.study)
     check_tracking(args.tracking_uri)
@@ -261,8 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """MLflow's and Optuna's own INFO lines (database migrations, "View run" links, "Trial finished") would drown
+    the live view, which says what happens."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    for name in ("mlflow", "alembic", "optuna"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return args.func(args)
     except UserError as err:

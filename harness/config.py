@@ -209,16 +209,51 @@ class BudgetConfig:
     trials: int = 8
     epochs: int = 0  # 0 = fixed.train.epochs
     pruner: str = "median"
-    warmup_epochs: int = 2
+    warmup_epochs: int = 2  # no trial is pruned at epochs 1..warmup_epochs
+    pruner_startup_trials: int = 2  # median pruner: finished trials it needs before it prunes any
     confirm_seeds: tuple = (1, 2, 3, 4, 5)
     max_retries: int = 2
 
     def __post_init__(self):
         _check_positive(self, "trials")
         _check_choice("pruner", self.pruner, PRUNERS)
-        _check_non_negative(self, "epochs", "warmup_epochs", "max_retries")
+        _check_non_negative(self, "epochs", "warmup_epochs", "pruner_startup_trials", "max_retries")
         if len(set(self.confirm_seeds)) != len(self.confirm_seeds):
             raise ValueError(f"confirm_seeds = {list(self.confirm_seeds)!r} repeats a seed")
+
+
+@dataclass(frozen=True)
+class StudyIdentity:
+    """What makes the runs of one study comparable: the study file's digest and the corpus files' MD5s.
+
+    Recorded in Optuna and MLflow when a study starts; resuming it with either changed is refused.
+    `corpus_files` (split -> file path, may be empty) only serves to name a changed file.
+    """
+
+    study_path: Path
+    study_digest: str
+    corpus_md5: dict = field(default_factory=dict)  # split -> MD5 hex; empty: not checked (e.g. the report)
+    corpus_files: dict = field(default_factory=dict)
+
+    def as_attrs(self) -> dict:
+        """How Optuna user attributes and MLflow tags record it."""
+        return {"study_digest": self.study_digest,
+                "corpus_md5": ",".join(f"{split}={md5}" for split, md5 in sorted(self.corpus_md5.items()))}
+
+    def mismatch(self, recorded: dict) -> str | None:
+        """Why a study recorded as `recorded` (attrs or tags) is not this one, or None when it is."""
+        digest = recorded.get("study_digest")
+        if digest is not None and digest != self.study_digest:
+            return (f"{self.study_path}: this study name was first run from a different version of the study file; "
+                    "refusing to mix their results: to resume it, run the file it was made from (every MLflow run "
+                    "holds it as study.toml); to start afresh, give this file a new study.name (or use new stores)")
+        before = dict(pair.split("=", 1) for pair in str(recorded.get("corpus_md5") or "").split(",") if "=" in pair)
+        changed = [split for split, md5 in sorted(self.corpus_md5.items()) if split in before and before[split] != md5]
+        if changed:
+            files = ", ".join(f"{self.corpus_files.get(s, s)} (MD5 {before[s]} -> {self.corpus_md5[s]})" for s in changed)
+            return (f"{self.study_path}: the corpus changed since this study started: {files}; its trials would compare "
+                    "runs on two datasets: restore the file, or give the study a new study.name (or use new stores)")
+        return None
 
 
 @dataclass(frozen=True)
@@ -240,6 +275,10 @@ class StudyConfig:
     def digest(self) -> str:
         """Content hash of the study file: resuming under one name with another file is refused."""
         return hashlib.sha256(self.text.encode()).hexdigest()[:16]
+
+    def identity(self, corpus_md5: dict | None = None, corpus_files: dict | None = None) -> StudyIdentity:
+        """This study's identity on a corpus (split -> MD5); without one, only the study file is checked."""
+        return StudyIdentity(self.path, self.digest, dict(corpus_md5 or {}), dict(corpus_files or {}))
 
     def run_config(self, variant: str, overrides: dict | None = None) -> RunConfig:
         """The resolved config of one arm: inactive sites at 0, then `section.key` overrides."""

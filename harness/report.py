@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import optuna
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
@@ -23,15 +22,13 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 from mlflow import MlflowClient
-from optuna.importance import FanovaImportanceEvaluator
-from optuna.trial import TrialState
 
 from harness import stats
 from harness.config import SITES, StudyConfig
 from harness.errors import UserError
 from harness.masks import embed_png, mask_figures_html
-from harness.search import CONFIRM, DIGEST_ATTR, SEARCH, counts, optuna_name, search_space, settled, trials_for
-from harness.stores import redact
+from harness.ledger import CONFIRM, PHASES, SEARCH, Ledger, Tally, open_storage, search_space, trials_for
+from harness.stores import redact, sqlite_path
 from harness.tracking import RESULT_METRICS
 
 REFERENCE = "awd"
@@ -55,12 +52,8 @@ class StudyLog:
     runs: pd.DataFrame  # one row per MLflow child run (RUN_COLUMNS)
     curves: pd.DataFrame  # per-epoch train/val perplexity of finished confirmation runs (CURVE_COLUMNS)
     trials: pd.DataFrame  # one row per finished or pruned Optuna search trial (TRIAL_COLUMNS)
-    counts: dict  # variant -> phase -> harness.search.counts; a variant without Optuna studies is absent
+    counts: dict  # variant -> phase -> harness.ledger.Tally; a variant without Optuna studies is absent
     importances: dict  # variant -> {param: importance}, or a sentence saying why there are none
-
-
-def _sqlite_path(url: str) -> Path | None:
-    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
 
 
 def _ablate_command(study: StudyConfig, tracking_uri: str, storage: str) -> str:
@@ -105,56 +98,31 @@ def _curves(client: MlflowClient, runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(CURVE_COLUMNS))
 
 
-def param_importances(ostudy: optuna.Study) -> dict | str:
-    """Seeded fANOVA importances of the searched parameters, or a sentence saying why there are none."""
-    finished = ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(finished) < MIN_IMPORTANCE_TRIALS:
-        return (f"{len(finished)} finished search trial{'s' * (len(finished) != 1)}: too few for parameter "
-                f"importances (they need at least {MIN_IMPORTANCE_TRIALS}).")
-    if all(t.params == finished[0].params for t in finished):
-        return "every finished search trial used the same values, so no parameter can explain a difference."
-    importances = optuna.importance.get_param_importances(ostudy, evaluator=FanovaImportanceEvaluator(seed=0))
-    return {k: float(v) for k, v in importances.items()}
-
-
 def _optuna_side(study: StudyConfig, storage: str, rerun: str) -> tuple[pd.DataFrame, dict, dict]:
-    path = _sqlite_path(storage)
+    path = sqlite_path(storage, "--storage")
     if path is not None and not path.exists():
         raise UserError(f"no Optuna storage at {path}: pass the --storage the study ran with, or run it first: {rerun}")
-    rdb = optuna.storages.RDBStorage(storage)
-    names = set(optuna.get_all_study_names(storage=rdb))
-    if not any(optuna_name(study, v, p) in names for v in study.variants for p in (SEARCH, CONFIRM)):
-        raise UserError(f"{redact(storage)} holds no Optuna study of {study.name!r}: pass the --storage the study "
-                        f"ran with, or run it first: {rerun}")
-    rows, trial_counts, importances = [], {}, {}
+    try:
+        ledger = Ledger(study, open_storage(storage), study.identity(), create=False)
+    except UserError as err:
+        raise UserError(f"{redact(storage)}: {err}: pass the --storage the study ran with, or run it first: "
+                        f"{rerun}") from None
+    rows, tallies, importances = [], {}, {}
     for variant in study.variants:
-        for phase in (SEARCH, CONFIRM):
-            name = optuna_name(study, variant, phase)
-            if name not in names:
-                continue
-            ostudy = optuna.load_study(study_name=name, storage=rdb)
-            if ostudy.user_attrs.get(DIGEST_ATTR, study.digest) != study.digest:
-                raise UserError(f"{study.path}: the Optuna study {name!r} in {redact(storage)} was made from a "
-                                "different version of this study file; build the report with the file the study ran "
-                                "with")
-            trial_counts.setdefault(variant, {})[phase] = counts(ostudy)
-            if phase == CONFIRM:
-                continue
-            importances[variant] = (param_importances(ostudy) if search_space(study, variant)
-                                    else "nothing is searched in this variant.")
-            for t in ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-                value = t.value if t.state == TrialState.COMPLETE else None
-                seen = [v for v in t.intermediate_values.values() if math.isfinite(v)]
-                rows.append({"variant": variant, "number": t.number, "state": t.state.name.lower(), "value": value,
-                             "best_seen": value if value is not None else min(seen, default=None),
-                             "params": dict(t.params)})
-    return pd.DataFrame(rows, columns=list(TRIAL_COLUMNS)), trial_counts, importances
+        for phase in PHASES:
+            if ledger.has(variant, phase):
+                tallies.setdefault(variant, {})[phase] = ledger.tally(variant, phase)
+        if ledger.has(variant, SEARCH):
+            importances[variant] = ledger.importances(variant, MIN_IMPORTANCE_TRIALS)
+            rows += [{"variant": t.variant, "number": t.number, "state": t.state, "value": t.value,
+                      "best_seen": t.best_seen, "params": t.params} for t in ledger.search_trials(variant)]
+    return pd.DataFrame(rows, columns=list(TRIAL_COLUMNS)), tallies, importances
 
 
 def read_logs(study: StudyConfig, tracking_uri: str, storage: str) -> StudyLog:
     """Gather the study's MLflow runs and Optuna trials; UserError when the study never ran into these stores."""
     rerun = _ablate_command(study, tracking_uri, storage)
-    path = _sqlite_path(tracking_uri)
+    path = sqlite_path(tracking_uri, "--tracking-uri")
     if path is not None and not path.exists():  # MLflow would create an empty store there
         raise UserError(f"no MLflow tracking store at {path}: run the study first: {rerun}")
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -162,10 +130,9 @@ def read_logs(study: StudyConfig, tracking_uri: str, storage: str) -> StudyLog:
     if experiment is None:
         raise UserError(f"{redact(tracking_uri)} has no MLflow experiment {study.name!r}: run the study first: "
                         f"{rerun}")
-    if experiment.tags.get("study_digest", study.digest) != study.digest:
-        raise UserError(f"{study.path}: the MLflow experiment {study.name!r} at {redact(tracking_uri)} was made "
-                        "from a different version of this study file; build the report with the file the study ran "
-                        "with (every run holds it as the artifact study.toml)")
+    problem = study.identity().mismatch(experiment.tags)
+    if problem:
+        raise UserError(f"{problem} (the MLflow experiment {study.name!r} at {redact(tracking_uri)})")
     trials, trial_counts, importances = _optuna_side(study, storage, rerun)
     runs = _child_runs(client, experiment.experiment_id)
     return StudyLog(study, tracking_uri, storage, runs, _curves(client, runs), trials, trial_counts, importances)
@@ -194,7 +161,7 @@ class VariantResult:
     search_best_val_ppl: float | None
     best_params: dict  # searched parameter -> value of the best finished search trial
     test_ppl: dict  # confirmation seed -> test perplexity
-    trials: dict  # harness.search.counts of the search study, {} when it is missing
+    trials: Tally | None  # of the search study; None when it is missing
     device_hours: float
     comparison: Comparison | None = None  # None for the reference
 
@@ -216,7 +183,7 @@ class VariantResult:
     @property
     def trials_run(self) -> int:
         """Search attempts that ended: finished, pruned, failed for good, and failed then retried."""
-        return settled(self.trials) + self.trials["retried"] if self.trials else 0
+        return self.trials.attempts if self.trials else 0
 
 
 @dataclass(frozen=True)
@@ -276,7 +243,7 @@ def _variant_result(log: StudyLog, variant: str) -> VariantResult:
     test_ppl = {int(s): float(p) for s, p in zip(confirm.seed, confirm.test_ppl)}  # a seed's latest run wins
     return VariantResult(
         variant, log.study.variants[variant].description, searched, best_val, best_params, test_ppl,
-        log.counts.get(variant, {}).get(SEARCH, {}), float(runs.seconds.sum()) / 3600,
+        log.counts.get(variant, {}).get(SEARCH), float(runs.seconds.sum()) / 3600,
     )
 
 
@@ -307,10 +274,10 @@ def missing_parts(log: StudyLog) -> list:
             out.append(f"{variant}: no search has started.")
             continue
         c, budget = phases[SEARCH], trials_for(study, variant)
-        if settled(c) < budget:
-            out.append(f"{variant}: {settled(c)} of {budget} search trials settled"
-                       + (f", {c['running']} running." if c["running"] else "."))
-        elif c["finished"] == 0:
+        if c.settled < budget:
+            out.append(f"{variant}: {c.settled} of {budget} search trials settled"
+                       + (f", {c.running} running." if c.running else "."))
+        elif c.finished == 0:
             out.append(f"{variant}: no search trial finished, so nothing could be confirmed.")
         confirm = mine[mine.phase == CONFIRM]
         done = set(confirm[confirm.state == "finished"].seed)
@@ -361,8 +328,8 @@ def results_frame(result: StudyResult) -> pd.DataFrame:
             "p_holm": c.p_holm, "p_note": c.note,
             **{f"best.{p}": r.best_params.get(p) for p in searched},
             "trials_run": r.trials_run,
-            "trials_finished": r.trials.get("finished", 0), "trials_pruned": r.trials.get("pruned", 0),
-            "trials_failed": r.trials.get("failed", 0), "trials_retried": r.trials.get("retried", 0),
+            **{f"trials_{k}": getattr(r.trials or Tally(), k) for k in ("finished", "pruned", "failed", "retried",
+                                                                          "interrupted")},
             "device_hours": r.device_hours,
         })
     return pd.DataFrame(rows)
@@ -563,7 +530,7 @@ def _headline_table(result: StudyResult) -> str:
             p = (f"{_p(c.p)}<br><small>{_esc(c.test)}</small>" if c.p is not None
                  else f'<span class="note">{_esc(c.note)}</span>')
             p_holm = "—" if c.p_holm is None else _p(c.p_holm)
-        failed = t.get("failed", 0) + t.get("retried", 0)
+        failed = t.failed + t.retried if t else 0
         rates = _esc(_rates(r.best_params)) if r.best_params else ("—" if r.searched else "nothing searched")
         body.append(
             f'<tr data-variant="{_esc(r.name)}"{" class=reference" if c is None else ""}>'
@@ -571,8 +538,8 @@ def _headline_table(result: StudyResult) -> str:
             + _cell("search_best_val_ppl", _num(r.search_best_val_ppl)) + _cell("test_ppl", test_ppl)
             + _cell("seeds", f"{len(r.test_ppl)} of {seeds}") + _cell("diff", diff) + _cell("p", p)
             + _cell("p_holm", p_holm) + _cell("best_rates", rates, "rates")
-            + _cell("trials_run", r.trials_run if t else "—") + _cell("trials_pruned", t.get("pruned", "—"))
-            + _cell("trials_failed", (f"{failed}" + (f" ({t['retried']} retried)" if t.get("retried") else ""))
+            + _cell("trials_run", r.trials_run if t else "—") + _cell("trials_pruned", t.pruned if t else "—")
+            + _cell("trials_failed", (f"{failed}" + (f" ({t.retried} retried)" if t.retried else ""))
                     if t else "—")
             + _cell("device_hours", f"{r.device_hours:.3f}") + "</tr>"
         )

@@ -1,56 +1,91 @@
-"""Where a study's results live, and how coordinators on several machines share them.
+"""Where a study's results live: the store URLs, their passwords masked, and one writer per local store.
 
-A sqlite:/// Optuna storage serves one coordinator on one machine (a file lock keeps a second one out). A
-postgresql:// storage serves coordinators on any number of machines (`python -m harness worker` on each): they
-serialize their check-then-write steps with PostgreSQL advisory locks and record heartbeats for the trials they
-run, so a trial whose machine dies goes stale and is run again elsewhere. MLflow is a local sqlite:/// file or
-a tracking server (`mlflow server` on PostgreSQL). Connections give up within seconds when a server does not
-answer, and URLs are only ever shown with their password masked.
+An Optuna storage is a local sqlite:/// file (one coordinator on one machine) or a postgresql:// database
+shared by coordinators on any number of machines (`python -m harness worker` on each), which serialize their
+check-then-write steps with PostgreSQL advisory locks. MLflow is a local sqlite:/// file or a tracking server
+(`mlflow server` on PostgreSQL). A file lock keeps a second coordinator off the local stores of a running one.
+Connections give up within seconds when a server does not answer, and URLs are only ever shown with their
+password masked. harness.ledger opens the Optuna storage itself.
 """
 
 import contextlib
-import fcntl
 import hashlib
-import threading
-import warnings
+import re
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-import optuna
+import filelock
 import requests
 import sqlalchemy
-from optuna.storages import RDBStorage
 
 from harness.errors import UserError
 
+CONNECT_TIMEOUT = 5  # seconds; without it an unreachable host hangs for TCP's minutes of retries
 HEARTBEAT = 30  # seconds between heartbeats of a running trial on a shared storage
 STALE_AFTER = 4  # heartbeats missed before a trial counts as stale: its machine or coordinator is gone
-CONNECT_TIMEOUT = 5  # seconds; without it an unreachable host hangs for TCP's minutes of retries
-# What a storage server that is down or restarting raises; the coordinator retries or skips, never crashes.
-STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError,
-                  sqlalchemy.exc.InterfaceError)
 SECRET_QUERY_KEYS = ("password", "sslpassword")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _password_span(url: str) -> tuple[int, int] | None:
+    """Start and end of the password in scheme://user:password@host..., or None.
+
+    Not URL parsing: a password may hold any character ('#', '/', '?', '@', ...), and parsers stop at the first
+    of those. The user ends at the first ':' after '://', the password at the last '@' of the whole string:
+    this masks too much rather than too little when '@' also appears after the host.
+    """
+    scheme = _SCHEME.match(url)
+    if not scheme:
+        return None
+    at = url.rfind("@")
+    colon = url.find(":", scheme.end(), at if at >= 0 else None)
+    if at < 0 or colon < 0:
+        return None
+    return colon + 1, at
 
 
 def redact(url: str) -> str:
     """The URL with its password masked, for messages, tags and reports: postgresql://user:***@host/db."""
-    parts = urlsplit(url)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    if at and ":" in userinfo:
-        url = url.replace(f"//{parts.netloc}", f"//{userinfo.split(':', 1)[0]}:***@{hostport}", 1)
-    if parts.query:  # libpq also takes ?password=...
-        pairs = [f"{pair.split('=', 1)[0]}=***" if pair.split("=", 1)[0] in SECRET_QUERY_KEYS else pair
-                 for pair in parts.query.split("&")]
-        url = url.replace(f"?{parts.query}", "?" + "&".join(pairs), 1)
-    return url
+    url = str(url)
+    span = _password_span(url)
+    if span is not None:
+        url = url[: span[0]] + "***" + url[span[1]:]
+    # libpq also takes ?password=... (and &sslpassword=...)
+    return re.sub(rf"([?&](?:{'|'.join(SECRET_QUERY_KEYS)})=)[^&#]*", r"\1***", url)
 
 
-def _is_postgres(url: str) -> bool:
-    scheme = urlsplit(url).scheme
-    return scheme == "postgresql" or scheme.startswith("postgresql+")  # e.g. postgresql+psycopg
+def scrub(text: str, url: str) -> str:
+    """Text (e.g. a driver's error) with the URL redacted and its password masked wherever else it appears."""
+    text = str(text).replace(url, redact(url))
+    span = _password_span(url)
+    if span is not None and span[1] > span[0]:
+        secret = url[span[0]: span[1]]
+        for form in {secret, unquote(secret)}:
+            text = text.replace(form, "***")
+    return text
 
 
-def _reason(err: Exception) -> str:
+def sqlite_path(url: str, flag: str) -> Path | None:
+    """The database file of a sqlite:/// URL, None for other schemes; UserError for one that would not persist.
+
+    `flag` names the option the URL came from (--storage, --tracking-uri), for the message.
+    """
+    if not url.startswith("sqlite:"):
+        return None
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+    if not path or path.startswith(":memory:") or path.startswith("file::memory:") or "mode=memory" in path:
+        raise UserError(f"{flag} {url}: an in-memory database vanishes when the command ends, and every result with "
+                        f"it; use a file, e.g. {flag} sqlite:///{'optuna' if 'storage' in flag else 'mlflow'}.db")
+    return Path(path.split("?", 1)[0])
+
+
+def is_postgres(url: str) -> bool:
+    """Whether the URL names a PostgreSQL database (postgresql:// or postgresql+driver://)."""
+    scheme = urlsplit(url).scheme if _SCHEME.match(url) else ""
+    return scheme == "postgresql" or scheme.startswith("postgresql+")
+
+
+def error_reason(err: Exception) -> str:
     """The driver's first line (e.g. 'connection refused'), without SQLAlchemy's statement dump."""
     while err.__cause__ is not None:
         err = err.__cause__
@@ -58,55 +93,26 @@ def _reason(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _engine_kwargs() -> dict:
+def engine_kwargs() -> dict:
+    """SQLAlchemy engine options for a PostgreSQL store: fail fast, survive a server restart."""
     # pool_pre_ping replaces a pooled connection that a server restart cut, instead of failing the next query.
     # The password comes from the URL or, when the URL has none, from PGPASSWORD / ~/.pgpass (libpq reads them).
     return {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT}}
 
 
 @contextlib.contextmanager
-def _advisory_lock(engine, key: str):
-    # Held by the transaction: released at its end, or by the server when the holder's connection dies.
+def advisory_lock(engine, key: str):
+    """A PostgreSQL advisory lock on `key`, held by a transaction: released at its end, or by the server when
+    the holder's connection dies."""
     lock_id = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
     with engine.begin() as connection:
         connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:id)"), {"id": lock_id})
         yield
 
 
-def open_storage(url: str, heartbeat: int = HEARTBEAT) -> RDBStorage:
-    """The Optuna storage at url: a local SQLite file, or a PostgreSQL database shared by machines (heartbeats on)."""
-    if urlsplit(url).scheme == "sqlite":
-        return RDBStorage(url)
-    if not _is_postgres(url):
-        raise UserError(f"--storage {redact(url)}: use sqlite:///FILE (one machine) or "
-                        "postgresql://USER@HOST:PORT/DB (shared by several machines)")
-    if heartbeat < 1:
-        raise UserError(f"--heartbeat {heartbeat}: must be at least 1 second")
-    try:
-        probe = sqlalchemy.create_engine(url, **_engine_kwargs())
-        # Machines starting at once on an empty database would all create Optuna's tables: one does it.
-        with _advisory_lock(probe, "optuna tables"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-            storage = RDBStorage(url, engine_kwargs=_engine_kwargs(), heartbeat_interval=heartbeat,
-                                 grace_period=STALE_AFTER * heartbeat)
-        probe.dispose()
-    except STORAGE_ERRORS as err:
-        raise UserError(
-            f"cannot reach the Optuna storage {redact(url)} ({_reason(err)}); start PostgreSQL there or fix "
-            "--storage (host, port, database, user; the password in the URL or in PGPASSWORD)"
-        ) from None
-    return storage
-
-
-def check_storage(url: str) -> None:
-    """Fail within seconds, naming the URL, when a PostgreSQL storage does not answer (SQLite: nothing to do)."""
-    if _is_postgres(url):
-        open_storage(url).engine.dispose()
-
-
 def check_tracking(uri: str) -> None:
-    """Fail within seconds, naming the URI, when the MLflow tracking server does not answer."""
-    scheme = urlsplit(uri).scheme
+    """Fail within seconds, naming the URI, when the MLflow tracking store cannot be used."""
+    scheme = urlsplit(uri).scheme if _SCHEME.match(uri) else ""
     fix = "start it (see README: Several machines) or fix --tracking-uri"
     if scheme in ("http", "https"):
         try:
@@ -120,110 +126,49 @@ def check_tracking(uri: str) -> None:
         if answer.status_code != 200:
             raise UserError(f"{redact(uri)}/health answered HTTP {answer.status_code}: is --tracking-uri the "
                             "address of an MLflow tracking server (mlflow server ...)?")
-    elif _is_postgres(uri):
-        engine = sqlalchemy.create_engine(uri, **_engine_kwargs())
+    elif is_postgres(uri):
         try:
+            engine = sqlalchemy.create_engine(uri, **engine_kwargs())
             with engine.connect():
                 pass
-        except STORAGE_ERRORS as err:
-            raise UserError(f"cannot reach the MLflow database {redact(uri)} ({_reason(err)}); {fix}") from None
-        finally:
             engine.dispose()
-
-
-def is_shared(storage: RDBStorage) -> bool:
-    """Whether coordinators on other machines may use this storage too (PostgreSQL), or only this one (SQLite)."""
-    return storage.engine.dialect.name == "postgresql"
-
-
-def study_lock(storage: RDBStorage, study_name: str):
-    """A lock around one study's check-then-write steps, across machines (SQLite: its file lock covers it)."""
-    if not is_shared(storage):
-        return contextlib.nullcontext()
-    return _advisory_lock(storage.engine, f"harness study {study_name}")
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.ArgumentError,
+                ValueError) as err:
+            raise UserError(f"cannot reach the MLflow database {redact(uri)} ({scrub(error_reason(err), uri)}); "
+                            f"{fix}") from None
+    elif scheme == "sqlite":
+        path = sqlite_path(uri, "--tracking-uri")
+        if path.exists() and path.read_bytes()[:16] != b"SQLite format 3\x00":
+            raise UserError(f"--tracking-uri {uri}: {path} is not an SQLite database; pass the --tracking-uri the "
+                            "study ran with, or a new file name")
+    else:
+        raise UserError(f"--tracking-uri {redact(uri)}: use sqlite:///FILE (one machine) or http://HOST:PORT of an "
+                        "MLflow tracking server (shared by several machines)")
 
 
 class LocalLock:
-    """One coordinator per local SQLite storage: a second one would run the same trials twice."""
+    """One coordinator per local SQLite store, Optuna's and MLflow's alike: a second one would run the same trials
+    twice, or mark the first one's live MLflow runs interrupted."""
 
-    def __init__(self, storage: str):
-        self.path = Path(storage[len("sqlite:///"):] + ".lock") if storage.startswith("sqlite:///") else None
+    def __init__(self, *urls: str):
+        flags = ("--storage", "--tracking-uri")
+        paths = [sqlite_path(url, flag) for url, flag in zip(urls, flags)]
+        self.locks = [filelock.FileLock(f"{path}.lock") for path in paths if path is not None]
 
     def __enter__(self):
-        if self.path is None:
-            return self
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"another ablation is already running on {self.path.with_suffix('')}; wait for it, give this one "
-                "its own --storage and --tracking-uri, or share a PostgreSQL storage (python -m harness worker)"
-            ) from None
+        for lock in self.locks:
+            try:
+                lock.acquire(timeout=0)
+            except filelock.Timeout:
+                self.__exit__()
+                raise UserError(
+                    f"another ablation is already using {lock.lock_file.removesuffix('.lock')}; wait for it, give "
+                    "this one its own --storage and --tracking-uri, or share a PostgreSQL storage and an MLflow "
+                    "server (python -m harness worker)"
+                ) from None
         return self
 
     def __exit__(self, *exc):
-        if self.path is not None:
-            self.file.close()
+        for lock in self.locks:
+            lock.release()
         return False
-
-
-class Heartbeat:
-    """Records every interval that this coordinator still runs its trials (a no-op on SQLite).
-
-    A thread, so that a main loop busy with a slow server reply never misses a beat; a coordinator that dies
-    stops beating, and the other machines fail and retry its trials once they are stale.
-    """
-
-    def __init__(self, storage: RDBStorage):
-        self.storage, self.interval = storage, storage.get_heartbeat_interval()
-        self.trial_ids: set[int] = set()
-        self.lock = threading.Lock()
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-
-    @property
-    def grace(self) -> int | None:
-        """Seconds without a heartbeat after which a trial is stale."""
-        return self.storage.grace_period
-
-    def __enter__(self):
-        if self.interval:
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stopped.set()
-        if self.thread.is_alive():
-            self.thread.join()
-        return False
-
-    def beat(self, trial_id: int) -> None:
-        """One heartbeat for the trial, now."""
-        if self.interval:
-            self.storage.record_heartbeat(trial_id)
-
-    def beat_all(self) -> None:
-        """One heartbeat for every trial this coordinator runs, now (before judging others' trials stale)."""
-        with self.lock:
-            trial_ids = list(self.trial_ids)
-        for trial_id in trial_ids:
-            self.beat(trial_id)
-
-    def add(self, trial_id: int) -> None:
-        with self.lock:
-            self.trial_ids.add(trial_id)
-
-    def discard(self, trial_id: int) -> None:
-        with self.lock:
-            self.trial_ids.discard(trial_id)
-
-    def _run(self) -> None:
-        while not self.stopped.wait(self.interval):
-            with self.lock:
-                trial_ids = list(self.trial_ids)
-            for trial_id in trial_ids:
-                try:
-                    self.storage.record_heartbeat(trial_id)
-                except STORAGE_ERRORS:
-                    break  # the server is away; the main loop says so, and the next beat tries again

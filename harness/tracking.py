@@ -8,30 +8,29 @@ and state (running, finished, pruned, failed + reason).
 """
 
 import json
-import logging
-import os
 import platform
+import shlex
 import time
 from importlib import metadata
-from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from harness.config import RunConfig, StudyConfig
+from harness.config import RunConfig, StudyConfig, StudyIdentity
 from harness.errors import UserError
+from harness.stores import redact, sqlite_path
 
 EPOCH_METRICS = ("train_loss", "train_ppl", "val_loss", "val_ppl", "lr", "epoch_seconds", "tokens_per_s")
 RESULT_METRICS = ("best_val_ppl", "best_epoch", "test_ppl", "test_loss", "seconds", "epochs")
-# MLflow's own INFO lines (database migrations) and its two "View run" lines per run on a tracking server
-# would drown the live view.
-logging.getLogger("mlflow").setLevel(logging.WARNING)
-logging.getLogger("alembic").setLevel(logging.WARNING)
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-
-MLFLOW_STATUS = {"finished": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+# A run's state (tag `state`) -> MLflow status. Pruned runs stopped early by the study's choice: KILLED, not a
+# green FINISHED, and their name says why, so the runs table tells them apart without opening tags.
+MLFLOW_STATUS = {"running": "RUNNING", "finished": "FINISHED", "pruned": "KILLED", "failed": "FAILED",
+                 "interrupted": "KILLED"}
+NAME_SUFFIX = {"pruned": " [pruned]", "interrupted": " [interrupted]", "failed": " [failed]"}
+# MLflow 3 opens an experiment without this tag in its GenAI (traces) view; this is model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 VERSIONED_PACKAGES = ("torch", "optuna", "mlflow", "numpy", "scipy", "pandas", "matplotlib", "seaborn")
@@ -54,17 +53,22 @@ def _now_ms() -> int:
 
 def _artifact_location(uri: str, study: StudyConfig) -> str | None:
     # Keep a local SQLite store's artifacts beside its database, not wherever the command ran.
-    parsed = urlparse(uri)
-    if parsed.scheme != "sqlite":
-        return None
-    db = Path(uri[len("sqlite:///"):]).resolve()
-    return (db.parent / "mlartifacts" / study.name).as_uri()
+    path = sqlite_path(uri, "--tracking-uri")
+    return None if path is None else (path.resolve().parent / "mlartifacts" / study.name).as_uri()
+
+
+def ui_command(uri: str) -> str:
+    """How to browse this tracking store: the MLflow UI on a local store, the server's address otherwise."""
+    if urlsplit(uri).scheme in ("http", "https"):
+        return f"open {redact(uri).rstrip('/')}/#/experiments in a browser"
+    make = "make ui" + ("" if uri == "sqlite:///mlflow.db" else f" TRACKING_URI={shlex.quote(redact(uri))}")
+    return f"{make}  (or: mlflow ui --backend-store-uri {shlex.quote(redact(uri))})"
 
 
 class Tracker:
-    """Writes one study's runs to MLflow."""
+    """Writes one study's runs to MLflow; refuses an experiment recorded under another identity."""
 
-    def __init__(self, uri: str, study: StudyConfig, common_tags: dict):
+    def __init__(self, uri: str, study: StudyConfig, identity: StudyIdentity, common_tags: dict):
         self.client = MlflowClient(tracking_uri=uri)
         self.study, self.common_tags = study, common_tags
         experiment = self.client.get_experiment_by_name(study.name)
@@ -72,28 +76,27 @@ class Tracker:
             try:
                 self.experiment_id = self.client.create_experiment(
                     study.name, artifact_location=_artifact_location(uri, study),
-                    tags={"study_digest": study.digest, "study_file": str(study.path)},
+                    tags={**identity.as_attrs(), **EXPERIMENT_KIND, "study_file": str(study.path)},
                 )
             except MlflowException as err:
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
                 experiment = self.client.get_experiment_by_name(study.name)  # another machine made it just now
         if experiment is not None:
-            if experiment.tags.get("study_digest", study.digest) != study.digest:
-                raise UserError(
-                    f"{study.path}: MLflow experiment {study.name!r} was made from a different version of this study "
-                    "file; refusing to mix their results: to resume it, run the file it was made from (every run "
-                    "holds it as study.toml); to start afresh, give this file a new study.name (or a new "
-                    "--tracking-uri)"
-                )
+            problem = identity.mismatch(experiment.tags)
+            if problem:
+                raise UserError(f"{problem} (the MLflow experiment {study.name!r} at {redact(uri)})")
             self.experiment_id = experiment.experiment_id
+            for key, value in {**identity.as_attrs(), **EXPERIMENT_KIND}.items():
+                if not experiment.tags.get(key):
+                    self.client.set_experiment_tag(self.experiment_id, key, value)
         self.parents: dict[str, str] = {}
 
     def _runs(self, filter_string: str) -> list:
         return list(self.client.search_runs([self.experiment_id], filter_string, max_results=5000))
 
     def parent_run(self, variant: str) -> str:
-        """The variant's parent run, created once and found again on resume."""
+        """The variant's parent run, created once and found again on resume (RUNNING again if it had ended)."""
         if variant not in self.parents:
             found = self._runs(f"tags.kind = 'variant' and tags.variant = '{variant}'")
             if found:
@@ -134,7 +137,23 @@ class Tracker:
         metrics = [Metric(k, float(result[k]), now, 0) for k in RESULT_METRICS if result and result.get(k) is not None]
         tags = [RunTag("state", state)] + ([RunTag("fail_reason", reason[-5000:])] if reason else [])
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        if state in NAME_SUFFIX:
+            name = self.client.get_run(run_id).info.run_name
+            if not name.endswith(NAME_SUFFIX[state]):
+                self.client.update_run(run_id, name=name + NAME_SUFFIX[state])
         self.client.set_terminated(run_id, MLFLOW_STATUS[state], now)
+
+    def set_parent_state(self, variant: str, state: str) -> None:
+        """The variant's parent run: running (being worked on), finished (settled with results), failed (nothing
+        could finish) or interrupted (the coordinator stopped before the variant settled)."""
+        run_id = self.parent_run(variant)
+        status = MLFLOW_STATUS[state]
+        if self.client.get_run(run_id).info.status == status:
+            return
+        if status == "RUNNING":
+            self.client.update_run(run_id, status=status)
+        else:
+            self.client.set_terminated(run_id, status, _now_ms())
 
     def summarize_variant(self, variant: str, metrics: dict, tags: dict) -> None:
         """Headline numbers on the parent run (best search value, confirmation mean)."""

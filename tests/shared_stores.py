@@ -28,7 +28,7 @@ import requests
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from harness.search import CONFIRM, SEARCH, best_params, optuna_name, trials_for
+from harness.ledger import CONFIRM, SEARCH, optuna_name, trials_for
 
 PG_USER = "harness"
 PG_PASSWORD = "not-a-real-secret-7f3a"  # tests check that it never shows up in output, tags, params or reports
@@ -262,7 +262,7 @@ def audit(study, storage: str, tracking_uri: str) -> Audit:
             if phase == SEARCH:
                 expected = trials_for(study, variant)
             else:
-                expected = len(study.budget.confirm_seeds) if best_params(search) else 0
+                expected = len(study.budget.confirm_seeds) if search.get_trials(states=(TrialState.COMPLETE,)) else 0
                 seeds = Counter(t.user_attrs["seed"] for t in results + given_up)
                 duplicates += sum(n - 1 for n in seeds.values())
             ended = len(results) + len(given_up)

@@ -1,16 +1,20 @@
 """Ablation studies with real worker processes: scheduling, retries, MLflow/Optuna records, resume."""
 
+import json
 import os
 import signal
+from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from harness.ablation import Ablation, run_ablation
 from harness.bench import EqualTrials
 from harness.config import load_study
+from harness.ledger import Ledger, open_storage
 from harness.scheduler import Scheduler, Slot, discover_slots
 from harness.tracking import Tracker
 
@@ -55,6 +59,13 @@ def tiny_study(tmp_path, trials=2, seeds="[]"):
     return load_study(path)
 
 
+def open_ablation(study, storage: str, uri: str, runs_dir, log=lambda *a: None, heartbeat=30) -> Ablation:
+    """An Ablation on these stores, as run_ablation builds it (no corpus identity: the tests' corpus is fixed)."""
+    identity = study.identity()
+    ledger = Ledger(study, open_storage(storage, heartbeat), identity, log=log)
+    return Ablation(study, ledger, Tracker(uri, study, identity, {"study": study.name}), runs_dir, log)
+
+
 def child_runs(uri, study_name):
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(study_name)
@@ -89,8 +100,7 @@ def test_slots_are_exclusive_and_never_idle_while_work_remains(tmp_path):
 def test_killed_worker_fails_only_its_trial_and_is_retried(tmp_path):
     study = tiny_study(tmp_path, trials=2)
     storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = Tracker(uri, study, {"study": study.name})
-    ablation = Ablation(study, storage, tracker, tmp_path / "runs", log=lambda *a: None)
+    ablation = open_ablation(study, storage, uri, tmp_path / "runs")
     scheduler = Scheduler([Slot(0, "cpu", 1), Slot(1, "cpu", 1)], tick_seconds=0.2)
     killed = []
     on_epoch = ablation.on_epoch
@@ -106,18 +116,49 @@ def test_killed_worker_fails_only_its_trial_and_is_retried(tmp_path):
     scheduler.run(ablation)
     assert killed
     variant = killed[0].split("/")[0]
-    trials = ablation.studies[variant]["search"].get_trials()
+    trials = ablation.ledger.studies[(variant, "search")].get_trials()
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert len(failed) == 1 and "killed by signal 9" in failed[0].user_attrs["fail_reason"]
     assert failed[0].user_attrs["retried"] is True
     retry = next(t for t in trials if t.user_attrs.get("retry_of") == failed[0].number)
     assert retry.state == TrialState.COMPLETE and retry.params == failed[0].params
     for v in study.variants:  # the full budget, for the other variant too
-        done = [t for t in ablation.studies[v]["search"].get_trials() if t.state == TrialState.COMPLETE]
+        done = [t for t in ablation.ledger.studies[(v, "search")].get_trials() if t.state == TrialState.COMPLETE]
         assert len(done) == 2
     _, runs, _ = child_runs(uri, study.name)
     states = sorted(r.data.tags["state"] for r in runs)
     assert states == ["failed"] + ["finished"] * 4
+
+
+def test_a_prune_verdict_stops_the_worker_and_is_recorded_everywhere(tmp_path):
+    study = tiny_study(tmp_path, trials=2, seeds="[1]")
+    storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ablation = open_ablation(study, storage, uri, tmp_path / "runs")
+    report_epoch, victims = ablation.ledger.report_epoch, []
+
+    def prune_the_first_search_trial(claim, epoch, val_ppl):
+        keep_going = report_epoch(claim, epoch, val_ppl)
+        if claim.phase == "search" and (not victims or victims == [claim.key]):
+            victims[:] = [claim.key]
+            return False
+        return keep_going
+
+    ablation.ledger.report_epoch = prune_the_first_search_trial
+    Scheduler([Slot(0, "cpu", 1)], tick_seconds=0.2).run(ablation)
+    variant, _, number = victims[0].split("/")
+    trial = ablation.ledger.studies[(variant, "search")].trials[int(number)]
+    assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [1]
+    run = ablation.tracker.client.get_run(trial.user_attrs["mlflow_run_id"])
+    history = ablation.tracker.client.get_metric_history(run.info.run_id, "val_ppl")
+    assert [m.step for m in history] == [1], "the worker trained on after the prune verdict"
+    assert run.info.status == "KILLED" and run.info.run_name.endswith("[pruned]")
+    assert run.data.tags["state"] == "pruned" and "test_ppl" not in run.data.metrics
+    tally = ablation.ledger.tally(variant, "search")
+    assert (tally.pruned, tally.finished, tally.settled) == (1, 1, 2)
+    # The confirmation retrains the finished trial, not the pruned one.
+    confirm = ablation.ledger.studies[(variant, "confirm")].trials
+    finished = next(t for t in ablation.ledger.studies[(variant, "search")].trials if t.state == TrialState.COMPLETE)
+    assert [t.params for t in confirm] == [finished.params] and confirm[0].state == TrialState.COMPLETE
 
 
 def test_smoke_study_records_every_run(smoke_run):
@@ -142,8 +183,33 @@ def test_smoke_study_records_every_run(smoke_run):
             assert [m.step for m in history] == list(range(1, int(metrics["epochs"]) + 1))
             assert metrics["best_val_ppl"] == pytest.approx(min(m.value for m in history))
             assert "test_ppl" in metrics
+    # Confirmation retrains the best search trial's parameters: in MLflow's params, config.json and Optuna.
     for variant in study.variants:
         search = optuna.load_study(study_name=f"smoke/{variant}/search", storage=smoke_run.storage)
+        confirm = optuna.load_study(study_name=f"smoke/{variant}/confirm", storage=smoke_run.storage)
+        best = search.best_trial
+        assert [t.params for t in confirm.trials] == [best.params] * len(seeds)
+        for run in runs:
+            tags = run.data.tags
+            if tags["variant"] != variant or tags["phase"] != "confirm":
+                continue
+            assert {k: float(run.data.params[k]) for k in best.params} == best.params
+            folder = smoke_run.workdir / "artifacts" / run.info.run_id
+            folder.mkdir(parents=True, exist_ok=True)
+            config = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json", str(folder))).read_text())
+            assert {k: config[k.split(".")[0]][k.split(".")[1]] for k in best.params} == best.params
+            checkpoint = smoke_run.workdir / "runs" / "smoke" / variant / "confirm" / f"trial-{tags['trial']}" / "best.pt"
+            saved = torch.load(checkpoint, weights_only=True)["config"]
+            assert {k: saved[k.split(".")[0]][k.split(".")[1]] for k in best.params} == best.params
+            assert saved["train"]["seed"] == int(tags["seed"])
+    # Test perplexity is only ever evaluated in confirmation runs.
+    for run in runs:
+        assert ("test_ppl" in run.data.metrics) == (run.data.tags["phase"] == "confirm" and
+                                                    run.data.tags["state"] == "finished"), run.info.run_name
+    for variant in study.variants:
+        search = optuna.load_study(study_name=f"smoke/{variant}/search", storage=smoke_run.storage)
+        assert not any("test_ppl" in t.user_attrs for t in search.trials)
+        assert search.metric_names == ["val_ppl"]
         first = search.trials[0]
         if variant != "no_dropout":  # the paper's rates go first
             assert first.params == {f"dropout.{s}": getattr(study.fixed.dropout, s)
@@ -151,7 +217,13 @@ def test_smoke_study_records_every_run(smoke_run):
         for trial in search.trials:
             if trial.state == TrialState.PRUNED:
                 run = client.get_run(trial.user_attrs["mlflow_run_id"])
-                assert run.data.tags["state"] == "pruned" and "test_ppl" not in run.data.metrics
+                assert run.data.tags["state"] == "pruned" and run.info.status == "KILLED"
+                assert min(trial.intermediate_values) == 1 and max(trial.intermediate_values) > study.budget.warmup_epochs
+    # The study's true state: nothing RUNNING, every variant's parent run ended, the classic runs view.
+    assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
+    assert {p.data.tags["variant"]: p.info.status for p in parents} == dict.fromkeys(study.variants, "FINISHED")
+    experiment = client.get_experiment_by_name(study.name)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_resuming_a_finished_study_duplicates_nothing(smoke_run):
@@ -178,6 +250,10 @@ def test_interrupted_study_resumes_without_duplicates(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run_ablation(study, storage=storage, tracking_uri=uri, slots=slots, runs_dir=tmp_path / "runs", log=interrupt)
+    _, runs, parents = child_runs(uri, study.name)
+    assert [r.info.status for r in runs + parents if r.info.status == "RUNNING"] == []
+    assert "KILLED" in {p.info.status for p in parents}
+    assert any(r.info.run_name.endswith("[interrupted]") for r in runs)
     run_ablation(study, storage=storage, tracking_uri=uri, slots=slots, runs_dir=tmp_path / "runs",
                  log=lambda *a: None)
     _, runs, _ = child_runs(uri, study.name)
@@ -186,6 +262,8 @@ def test_interrupted_study_resumes_without_duplicates(tmp_path):
     assert len(finished) == len(set(finished)) == 2 * 2 + 2 * 1
     assert all(r.data.tags["state"] in ("finished", "interrupted") for r in runs)
     assert all(r.info.status != "RUNNING" for r in runs)
+    _, _, parents = child_runs(uri, study.name)
+    assert sorted(p.info.status for p in parents) == ["FINISHED", "FINISHED"]
 
 
 def test_other_study_file_under_the_same_name_is_refused(tmp_path, smoke_run):

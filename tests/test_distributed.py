@@ -7,7 +7,7 @@ from mlflow import MlflowClient
 
 from conftest import SMOKE_STUDY, run_harness
 from harness.config import load_study
-from harness.search import trials_for
+from harness.ledger import trials_for
 from harness.stores import redact
 from shared_stores import PG_PASSWORD, Audit, audit
 from test_ablation import TINY

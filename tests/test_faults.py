@@ -14,14 +14,12 @@ import optuna
 from optuna.trial import TrialState
 
 from conftest import run_harness
-from harness.ablation import Ablation
 from harness.config import load_study
+from harness.ledger import SEARCH, optuna_name
 from harness.scheduler import Scheduler, Slot
-from harness.search import SEARCH, optuna_name
-from harness.stores import open_storage, redact
-from harness.tracking import Tracker
+from harness.stores import redact
 from shared_stores import PG_PASSWORD, Audit, audit, free_port, running_trial, wait_for
-from test_ablation import TINY
+from test_ablation import TINY, open_ablation
 
 
 def fault_study(tmp_path, name: str, trials=2, seeds="[1]", epochs=4):
@@ -80,8 +78,7 @@ def test_killed_coordinator_resumes_with_nothing_lost_or_duplicated(tmp_path, la
 def test_nan_loss_fails_its_trial_with_the_reason_and_the_others_go_on(tmp_path, figures):
     study = fault_study(tmp_path, "nan-loss", seeds="[]", epochs=2)
     storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = Tracker(uri, study, {"study": study.name})
-    ablation = Ablation(study, storage, tracker, tmp_path / "runs", log=lambda *a: None)
+    ablation = open_ablation(study, storage, uri, tmp_path / "runs")
     poisoned = []
     next_task = ablation.next_task
 
@@ -98,9 +95,9 @@ def test_nan_loss_fails_its_trial_with_the_reason_and_the_others_go_on(tmp_path,
     result = figures(audit(study, storage, uri), faults=1)
     assert result == Audit(trials_run=2 * 2 + 1, retries=1, lost=0, duplicates=0, open_runs=0)
     variant, _, number = poisoned[0].split("/")
-    failed = ablation.studies[variant][SEARCH].trials[int(number)]
+    failed = ablation.ledger.studies[(variant, SEARCH)].trials[int(number)]
     assert failed.state == TrialState.FAIL and "loss became nan" in failed.user_attrs["fail_reason"]
-    run = tracker.client.get_run(failed.user_attrs["mlflow_run_id"])
+    run = ablation.tracker.client.get_run(failed.user_attrs["mlflow_run_id"])
     assert run.data.tags["state"] == "failed" and "loss became nan" in run.data.tags["fail_reason"]
 
 
@@ -125,10 +122,9 @@ def test_postgres_restart_mid_study_loses_nothing(tmp_path, postgres, mlflow_ser
 
 def test_coordinator_waits_out_a_storage_outage(tmp_path, postgres):
     study = fault_study(tmp_path, "outage", trials=1, seeds="[]")
-    storage = open_storage(postgres.create_database("outage"), heartbeat=1)
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", study, {"study": study.name})
     lines = []
-    ablation = Ablation(study, storage, tracker, tmp_path / "runs", log=lines.append)
+    ablation = open_ablation(study, postgres.create_database("outage"), f"sqlite:///{tmp_path / 'mlflow.db'}",
+                             tmp_path / "runs", log=lines.append, heartbeat=1)
     postgres.stop()
     restart = threading.Timer(3, postgres.start)
     restart.start()
