@@ -1,11 +1,13 @@
 """AWD-LSTM: with every rate at 0 it is a plain nn.LSTM stack; dropout sites act where they should."""
 
+import dataclasses
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from harness.config import DropoutConfig, ModelConfig
-from harness.dropout import LockedDropout, NaiveDropout, TimestepDropout
 from harness.model import AWDLSTM, detach_state
 
 SIZES = ModelConfig(emb_size=8, hidden_size=12, n_layers=3)
@@ -54,34 +56,111 @@ def test_shapes_and_tied_decoder():
     assert untied.decoder.weight is not untied.encoder.weight and untied.decoder.in_features == 12
 
 
-def test_eval_mode_is_deterministic_with_rates_on():
-    model = AWDLSTM(50, SIZES, AWD).eval()
+@pytest.mark.parametrize("mode", ["locked", "naive", "timestep", "naive_recurrent"])
+def test_eval_mode_is_the_plain_stack_with_every_rate_on(mode):
+    torch.manual_seed(0)
+    model = AWDLSTM(50, SIZES, dataclasses.replace(AWD, hidden_mode=mode)).eval()
+    plain = AWDLSTM(50, SIZES, DropoutConfig()).eval()
+    plain.load_state_dict(model.state_dict())
     tokens = torch.randint(50, (6, 2))
-    torch.testing.assert_close(model(tokens)[0], model(tokens)[0])
+    for actual, expected in zip(model(tokens), plain(tokens)):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode, cls", [("locked", LockedDropout), ("naive", NaiveDropout),
-                                       ("timestep", TimestepDropout), ("naive_recurrent", NaiveDropout)])
-def test_hidden_mode_picks_the_mask(mode, cls):
-    model = AWDLSTM(50, SIZES, DropoutConfig(input=0.4, hidden=0.25, output=0.4, hidden_mode=mode))
-    sites = [model.input_dropout, *model.hidden_dropouts, model.output_dropout]
-    assert len(model.hidden_dropouts) == SIZES.n_layers - 1
-    assert all(type(site) is cls for site in sites)
-    assert [site.p for site in sites] == [0.4, 0.25, 0.25, 0.4]
-    recurrent = [layer.recurrent_p for layer in model.layers]
-    assert recurrent == ([0.25] * 3 if mode == "naive_recurrent" else [0.0] * 3)
+# ---- each dropout site acts in forward, on its tensor, with its mask shape and rate ------------------
+
+WIDE = ModelConfig(emb_size=64, hidden_size=64, n_layers=3)  # wide and (below) big batches: rates to +-0.05
+RATES = {"input": 0.45, "hidden": 0.2, "output": 0.3}  # distinct, so a rate used at the wrong site shows
 
 
-def test_locked_masks_differ_between_layers_and_stay_fixed_over_time():
-    torch.manual_seed(1)
-    model = AWDLSTM(50, SIZES, DropoutConfig(hidden=0.5)).train()
-    seen = []
-    for site in model.hidden_dropouts:
-        site.register_forward_hook(lambda m, args, out: seen.append((out == 0) & (args[0] != 0)))
-    model(torch.randint(50, (9, 6)))
-    first, second = seen  # (T, B, H) dropped positions per layer
-    assert torch.equal(first, first[:1].expand_as(first)), "locked mask changed over time"
-    assert not torch.equal(first[0], second[0]), "two layers drew the same mask"
+def traced_forward(model, tokens):
+    """Forward in train mode, returning (output, each layer's input, each layer's raw output)."""
+    inputs, outputs = [], []
+    handles = [layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for layer in model.layers]
+    handles += [layer.register_forward_hook(lambda m, args, out: outputs.append(out[0])) for layer in model.layers]
+    try:
+        out = model(tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, inputs, outputs
+
+
+def assert_mask(ratio: torch.Tensor, p: float, mode: str) -> None:
+    """ratio (T, B, H) = dropped / undropped is a keep-mask of `mode`'s shape, scaled 1/(1-p), drop rate p."""
+    zero = ratio == 0
+    assert (zero | torch.isclose(ratio, torch.tensor(1 / (1 - p)))).all(), "not a dropout mask of this rate"
+    if mode == "locked":
+        assert (zero == zero[:1]).all(), "locked mask changed over time"
+    else:
+        assert not torch.equal(zero[0], zero[1]), "the mask did not change over time"
+    if mode == "timestep":
+        assert (zero == zero[:, :1]).all(), "timestep mask differs within the batch"
+    else:
+        assert not torch.equal(zero[:, 0], zero[:, 1]), "two samples share a mask"
+    independent = {"locked": zero[0], "timestep": zero[:, 0]}.get(mode, zero)
+    rate = independent.float().mean().item()
+    assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / independent.numel()), (rate, p)
+
+
+@pytest.mark.parametrize("mode", ["locked", "naive", "timestep", "naive_recurrent"])
+def test_input_hidden_and_output_dropout_act_on_their_tensors(mode):
+    torch.manual_seed(0)
+    model = AWDLSTM(50, WIDE, DropoutConfig(**RATES, hidden_mode=mode)).train()
+    plain = plain_stack_from(model)
+    tokens = torch.randint(50, (6, 40))
+    out, inputs, outputs = traced_forward(model, tokens)
+    assert_mask(inputs[0] / model.encoder(tokens), RATES["input"], mode)  # the embedding fed to layer 1
+    for below, above in zip(outputs, inputs[1:]):  # between layers
+        assert_mask(above / below, RATES["hidden"], mode)
+    assert not torch.equal(inputs[1] == 0, inputs[2] == 0), "two layers drew the same mask"
+    torch.testing.assert_close(out.raw, outputs[-1], rtol=0, atol=0)
+    assert_mask(out.dropped / out.raw, RATES["output"], mode)  # before the decoder
+    torch.testing.assert_close(out.logits, model.decoder(out.dropped), rtol=0, atol=0)
+    # The recurrent path: untouched, except in the naive_recurrent arm (its hidden rate).
+    for lstm, x, h in zip(plain, inputs, outputs):
+        recomputed = lstm(x)[0]
+        if mode == "naive_recurrent":
+            assert not torch.allclose(h, recomputed)
+        else:
+            torch.testing.assert_close(h, recomputed)
+    again, inputs_again, _ = traced_forward(model, tokens)  # a new mini-batch draws new masks
+    assert not torch.equal(inputs_again[0] == 0, inputs[0] == 0)
+    assert not torch.equal(again.dropped == 0, out.dropped == 0)
+
+
+def test_embedding_dropout_drops_whole_words_at_its_rate():
+    torch.manual_seed(0)
+    p = 0.4
+    model = AWDLSTM(2000, WIDE, DropoutConfig(embedding=p)).train()
+    words = torch.randperm(2000).view(40, 50)
+    tokens = torch.cat([words, words.flip(0)])  # every word at two positions
+    ratio = traced_forward(model, tokens)[1][0] / model.encoder(tokens)  # (80, 50, 64)
+    scaled = torch.isclose(ratio, torch.tensor(1 / (1 - p)))
+    dropped = (ratio == 0).all(-1)
+    assert (dropped | scaled.all(-1)).all(), "a word was partly dropped or wrongly scaled"
+    assert torch.equal(dropped[:40], dropped[40:].flip(0)), "a word's fate differs between its positions"
+    assert abs(dropped[:40].float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / 2000)
+    again = traced_forward(model, tokens)[1][0]
+    assert not torch.equal((again == 0).all(-1), dropped), "the same rows were dropped in the next mini-batch"
+
+
+def test_weight_drop_masks_each_layers_recurrent_weights():
+    torch.manual_seed(0)
+    p = 0.5
+    model = AWDLSTM(50, ModelConfig(emb_size=24, hidden_size=24, n_layers=3), DropoutConfig(weight=p)).train()
+    out = model(torch.randint(50, (6, 8)))
+    (out.logits * torch.randn_like(out.logits)).sum().backward()
+    dropped = [layer.weight_hh_raw.grad == 0 for layer in model.layers]  # (96, 24) each
+    for layer_dropped in dropped:
+        zeros = layer_dropped.float().mean().item()
+        assert abs(zeros - p) < 5 * math.sqrt(p * (1 - p) / layer_dropped.numel())
+    assert not torch.equal(dropped[0], dropped[1]), "two layers drew the same weight mask"
+    # Every input weight gets a gradient: the mask is on W_hh only.
+    assert all((layer.weight_ih.grad != 0).float().mean() > 0.99 for layer in model.layers)
+    model.zero_grad()
+    model.eval()(torch.randint(50, (6, 8))).logits.sum().backward()
+    assert all((layer.weight_hh_raw.grad != 0).float().mean() > 0.99 for layer in model.layers)
 
 
 def test_detach_state_cuts_the_graph():
