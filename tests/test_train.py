@@ -1,6 +1,7 @@
 """The training recipe: NT-ASGD trigger, variable-BPTT lr scaling, resume, divergence, checkpoints."""
 
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,15 @@ def test_short_real_ptb_run_lowers_validation_perplexity():
     val = [e.val_ppl for e in result.epochs]
     assert val[-1] < val[0] < corpus.vocab_size, val
     assert math.isfinite(result.test_ppl) and result.test_ppl < corpus.vocab_size
+
+
+class _NotATensor:
+    """Anything a weights-only load must refuse to unpickle."""
+
+
+def test_resume_loads_weights_only_and_refuses_pickled_objects(tmp_path):
+    train_model(config(epochs=1), tiny_corpus(n_train=400), checkpoint_dir=tmp_path, progress=False)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    torch.save({**last, "extra": _NotATensor()}, tmp_path / "last.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        train_model(config(epochs=2), tiny_corpus(n_train=400), checkpoint_dir=tmp_path, progress=False)
