@@ -33,14 +33,16 @@ def _ptb_data_dir() -> Path | None:
 
 PTB_DATA_DIR = _ptb_data_dir()
 PTB = PTB_DATA_DIR / "ptb" if PTB_DATA_DIR else None  # the PTB folder, or None
+# Where PTB was looked for, for the skip message (read before the data_dir fixture changes AWD_DATA_DIR).
+_PTB_SEARCHED = Path(os.environ.get("AWD_DATA_DIR") or SHARED_DATA).expanduser().absolute() / "ptb"
 
 
 def pytest_runtest_setup(item):
     if PTB is None and item.get_closest_marker("ptb") is not None:
-        where = f"{os.environ['AWD_DATA_DIR']}/ptb" if os.environ.get("AWD_DATA_DIR") else SHARED_DATA / "ptb"
         if os.environ.get(REQUIRE_PTB_ENV) == "1":
-            pytest.fail(f"Penn Treebank not found at {where}, and {REQUIRE_PTB_ENV}=1 requires it")
-        pytest.skip(f"needs the Penn Treebank, not found at {where} (set AWD_DATA_DIR to the folder holding ptb/)")
+            pytest.fail(f"Penn Treebank not found at {_PTB_SEARCHED}, and {REQUIRE_PTB_ENV}=1 requires it")
+        pytest.skip(f"needs the Penn Treebank, not found at {_PTB_SEARCHED} "
+                    "(set AWD_DATA_DIR to the folder holding ptb/)")
 
 
 @pytest.fixture(scope="session", autouse=True)
