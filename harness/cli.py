@@ -89,6 +89,7 @@ def cmd_ablate(args) -> int:
     """Run or resume an ablation study over every device slot, then write its report."""
     from harness.config import load_study
     from harness.report import build_report
+    from harness.ledger import dashboard_command
     from harness.stores import redact
     from harness.tracking import ui_command
 
@@ -96,8 +97,10 @@ def cmd_ablate(args) -> int:
     if not _coordinate(args, study):
         return 130
     report = build_report(study, args.tracking_uri, args.storage, Path(args.reports_dir))
-    print(f"results:\n  report      {report}\n  MLflow      {redact(args.tracking_uri)}; browse: "
-          f"{ui_command(args.tracking_uri)}\n  Optuna      {redact(args.storage)}\n"
+    print("conclusions:\n" + "\n".join(f"  - {line}" for line in report.conclusions))
+    print(f"results:\n  report      {report.page} (and {report.results_csv.name}, {report.comparisons_csv.name})\n"
+          f"  MLflow      {redact(args.tracking_uri)}; browse: {ui_command(args.tracking_uri)}\n"
+          f"  Optuna      {redact(args.storage)}; browse: {dashboard_command(args.storage)}\n"
           f"  checkpoints {Path(args.runs_dir) / study.name}")
     return 0
 
@@ -125,8 +128,9 @@ def cmd_report(args) -> int:
     study = load_study(args.study)
     check_tracking(args.tracking_uri)
     check_storage(args.storage)
-    path = build_report(study, args.tracking_uri, args.storage, Path(args.out))
-    print(f"report written: {path} (and {path.with_name('results.csv')})")
+    report = build_report(study, args.tracking_uri, args.storage, Path(args.out))
+    print("\n".join(f"- {line}" for line in report.conclusions))
+    print(f"report written: {report.page} (and {report.results_csv.name}, {report.comparisons_csv.name})")
     return 0
 
 

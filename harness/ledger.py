@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import shlex
 import threading
 import time
 import warnings
@@ -82,6 +83,12 @@ def check_storage(url: str) -> None:
     """Fail within seconds, naming the URL, when the storage cannot be opened."""
     storage = open_storage(url)
     storage.engine.dispose()
+
+
+def dashboard_command(url: str) -> str:
+    """How to browse this Optuna storage in optuna-dashboard."""
+    make = "make dashboard" + ("" if url == "sqlite:///optuna.db" else f" STORAGE={shlex.quote(redact(url))}")
+    return f"{make}  (or: optuna-dashboard {shlex.quote(redact(url))})"
 
 
 def is_shared(storage: BaseStorage) -> bool:
@@ -304,6 +311,12 @@ def make_pruner(study: StudyConfig, max_epochs: int):
     return optuna.pruners.NopPruner()
 
 
+def holds_study(storage: BaseStorage, study: StudyConfig) -> bool:
+    """Whether the storage holds any Optuna study of this study (any variant, any phase)."""
+    names = set(optuna.get_all_study_names(storage))
+    return any(optuna_name(study, v, p) in names for v in study.variants for p in PHASES)
+
+
 # --- the ledger -----------------------------------------------------------------------------------------
 def _patient(method):
     """Run a ledger method, retrying it while the storage is away, for up to RECONNECT_SECONDS."""
@@ -343,10 +356,9 @@ class Ledger:
         self.outage_since: float | None = None
         self.no_verdicts_until = 0.0
         if not create:
+            if not holds_study(storage, study):
+                raise UserError(f"{redact(self._url())} holds no Optuna study of {study.name!r}")
             names = set(optuna.get_all_study_names(storage))
-            wanted = {optuna_name(study, v, p) for v in self.variants for p in PHASES}
-            if not names & wanted:
-                raise UserError(f"the Optuna storage holds no study of {study.name!r}")
             self.studies = {(v, p): self._load(v, p) for v in self.variants for p in PHASES
                             if optuna_name(study, v, p) in names}
             return

@@ -2,11 +2,10 @@
 
 Each figure runs a real module in train mode on ones and shows which entries came out zero (for weight
 drop: which entries of W_hh got no gradient). `python -m harness masks` writes them as PNGs; the report
-embeds them through `mask_figures_html()`.
+embeds them as data URIs (`png_data_uri`).
 """
 
 import base64
-import html
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,10 +180,9 @@ def figure_png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def embed_png(fig: Figure, alt: str) -> str:
-    """An <img> holding the figure as a base64 PNG, so the page needs no other file."""
-    data = base64.b64encode(figure_png(fig)).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+def png_data_uri(fig: Figure) -> str:
+    """The figure as a base64 PNG data URI, so a page can embed it and needs no other file."""
+    return "data:image/png;base64," + base64.b64encode(figure_png(fig)).decode("ascii")
 
 
 def write_mask_figures(out_dir: Path) -> list[Path]:
@@ -197,12 +195,3 @@ def write_mask_figures(out_dir: Path) -> list[Path]:
         path.write_bytes(figure_png(item.figure))
         paths.append(path)
     return paths
-
-
-def mask_figures_html() -> str:
-    """The diagrams as <figure> elements with their rules as captions, images embedded."""
-    return "\n".join(
-        f'<figure class="mask">{embed_png(item.figure, item.title + " mask")}'
-        f"<figcaption><b>{html.escape(item.title)}</b>, {html.escape(item.rule)}</figcaption></figure>"
-        for item in mask_figures()
-    )

@@ -182,3 +182,48 @@ class Tracker:
         for run in runs:
             self.finish(run.info.run_id, state, reason=reason)
         return len(runs)
+
+
+# --- reading, for the report ----------------------------------------------------------------------------
+def _int(value) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+def find_experiment(uri: str, study: StudyConfig) -> str | None:
+    """The id of the study's experiment at uri, None when there is none; UserError when it belongs to another
+    version of the study file."""
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(study.name)
+    if experiment is None:
+        return None
+    problem = study.identity().mismatch(experiment.tags)
+    if problem:
+        raise UserError(f"{problem} (the MLflow experiment {study.name!r} at {redact(uri)})")
+    return experiment.experiment_id
+
+
+def read_child_runs(uri: str, experiment_id: str) -> list[dict]:
+    """One record per child run: its tags (variant, phase, trial, seed, state, ...), params and result metrics."""
+    client, rows, token = MlflowClient(tracking_uri=uri), [], None
+    while True:
+        page = client.search_runs([experiment_id], "tags.kind = 'run'", max_results=1000, page_token=token)
+        for run in page:
+            tags, metrics = run.data.tags, run.data.metrics
+            rows.append({
+                "run_id": run.info.run_id, "name": run.info.run_name, "variant": tags.get("variant", ""),
+                "phase": tags.get("phase", ""), "trial": _int(tags.get("trial")), "seed": _int(tags.get("seed")),
+                "attempt": _int(tags.get("attempt")), "state": tags.get("state", "running"),
+                "fail_reason": tags.get("fail_reason", ""), "device": tags.get("device", ""),
+                "device_name": tags.get("device_name", ""), "versions": tags.get("versions", ""),
+                "git_commit": tags.get("git_commit", ""), "corpus": tags.get("corpus", ""),
+                "corpus_md5": tags.get("corpus_md5", ""), "end_time": run.info.end_time or 0,
+                "params": dict(run.data.params), **{k: metrics.get(k) for k in RESULT_METRICS},
+            })
+        token = page.token
+        if not token:
+            return rows
+
+
+def read_epoch_metrics(uri: str, run_id: str, keys: tuple) -> dict:
+    """key -> {epoch: value} of one run's per-epoch metrics."""
+    client = MlflowClient(tracking_uri=uri)
+    return {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in keys}

@@ -288,3 +288,23 @@ def test_names_are_per_variant_and_phase(tmp_path):
     assert set(ledger.studies) == {(v, p) for v in study.variants for p in (SEARCH, CONFIRM)}
     assert optuna_name(study, "awd", CONFIRM) == "ledger/awd/confirm"
     assert ledger.studies[("awd", SEARCH)].user_attrs["corpus_md5"] == "test=c,train=a,valid=b"
+
+
+def test_parameter_importances_need_enough_finished_trials(tmp_path):
+    study = make_study(tmp_path, trials=20)
+    ledger = open_ledger(study)
+    assert ledger.importances("no_dropout", 5) == "nothing is searched in this variant."
+
+    def finish(n):
+        for _ in range(n):
+            claim = ledger.claim("awd", SEARCH)
+            # input matters a lot, hidden a little, weight not at all
+            p = claim.params
+            ledger.finish(claim, 100 + 10 * p["dropout.input"] + 0.1 * p["dropout.hidden"], {})
+
+    finish(3)
+    assert ledger.importances("awd", 5).startswith("3 finished search trials: too few")
+    finish(17)
+    importances = ledger.importances("awd", 5)
+    assert max(importances, key=importances.get) == "dropout.input"
+    assert sum(importances.values()) == pytest.approx(1.0)

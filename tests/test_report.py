@@ -1,5 +1,6 @@
-"""The report of the smoke study: its numbers equal what MLflow holds, in the CSV and in a real browser; partial
-studies say what is missing; logged strings are escaped; a study that never ran is a clear error.
+"""The report of the smoke study: its numbers equal what MLflow holds, in the CSV and in a real browser, and an
+independent recomputation (pandas and scipy on MLflow's raw metrics) gives the same headline; a rebuild is
+identical; partial studies say what is missing; logged strings are escaped; a study that never ran is a clear error.
 
 Run: .venv/bin/python -m pytest -q tests/test_report.py   (needs /usr/bin/chromium; AWD_SKIP_BROWSER=1 skips it)
 """
@@ -8,6 +9,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -15,15 +17,20 @@ import time
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from scipy import stats as scipy_stats
 
 from harness.cli import build_parser
 from harness.config import load_study, parse_overrides
 from harness.errors import UserError
-from harness.report import build_report, compare, param_importances, read_logs, render_html, rerun_commands, summarize
+from harness.report import build_report
+from harness.report.logs import read_logs
+from harness.report.page import render_html
+from harness.report.summary import conclusions, rerun_commands, summarize
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -38,8 +45,8 @@ def smoke_study(smoke_run):
 
 @pytest.fixture(scope="module")
 def report(smoke_run, smoke_study, tmp_path_factory) -> Path:
-    """The smoke study's report, built once for this module."""
-    return build_report(smoke_study, smoke_run.tracking_uri, smoke_run.storage, tmp_path_factory.mktemp("reports"))
+    """The smoke study's report page, built once for this module."""
+    return build_report(smoke_study, smoke_run.tracking_uri, smoke_run.storage, tmp_path_factory.mktemp("reports")).page
 
 
 def logged_summaries(smoke_run) -> dict:
@@ -68,10 +75,60 @@ def test_csv_holds_the_logged_numbers(smoke_run, report):
         assert row.device_hours == pytest.approx(metrics["seconds"] / 3600, rel=1e-9)
         assert row.test_ppl_ci_low <= row.test_ppl_mean <= row.test_ppl_ci_high
     assert table.reference.to_dict() == {"awd": True, "locked_only": False, "no_dropout": False}
-    # Two paired seeds can never give p < 0.05 without a normality assumption: no p-value, a reason instead.
-    assert table.p_value.isna().all()
-    assert table.loc["locked_only"].p_note.startswith("not tested: 2 vs 2 paired seeds")
     assert table.loc["no_dropout", "trials_run"] == 1  # nothing to search: one trial, not the budget
+
+
+def test_headline_recomputed_independently_from_mlflow(smoke_run, report):
+    """Means, intervals, differences, p-values and Holm from MLflow's raw per-run metrics, with pandas and scipy
+    alone (no harness code), against results.csv and comparisons.csv."""
+    client = MlflowClient(smoke_run.tracking_uri)
+    experiment = client.get_experiment_by_name("smoke")
+    rows = [{"variant": r.data.tags["variant"], "seed": int(r.data.tags["seed"]), "test_ppl": r.data.metrics["test_ppl"]}
+            for r in client.search_runs([experiment.experiment_id],
+                                        "tags.kind = 'run' and tags.phase = 'confirm' and tags.state = 'finished'")]
+    tests = pd.DataFrame(rows).pivot(index="seed", columns="variant", values="test_ppl")
+    table = pd.read_csv(report.parent / "results.csv").set_index("variant")
+    for variant, values in tests.items():
+        n, mean, sd = len(values), values.mean(), values.std(ddof=1)
+        half = scipy_stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n)
+        assert table.loc[variant, "test_ppl_mean"] == pytest.approx(mean, rel=1e-12)
+        assert table.loc[variant, "test_ppl_sd"] == pytest.approx(sd, rel=1e-12)
+        assert (table.loc[variant, "test_ppl_ci_low"], table.loc[variant, "test_ppl_ci_high"]) == pytest.approx(
+            (mean - half, mean + half), rel=1e-12)
+    comparisons = pd.read_csv(report.parent / "comparisons.csv")
+    pairs = [("locked_only", "awd"), ("no_dropout", "awd"), ("locked_only", "no_dropout")]
+    assert list(zip(comparisons.variant, comparisons.baseline)) == pairs
+    raw = []
+    for variant, baseline in pairs:
+        d = tests[variant] - tests[baseline]  # paired by seed
+        half = scipy_stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+        row = comparisons[(comparisons.variant == variant) & (comparisons.baseline == baseline)].iloc[0]
+        assert row.diff == pytest.approx(d.mean(), rel=1e-12)
+        assert (row.diff_ci_low, row.diff_ci_high) == pytest.approx((d.mean() - half, d.mean() + half), rel=1e-12)
+        assert row.p == pytest.approx(scipy_stats.ttest_rel(tests[variant], tests[baseline]).pvalue, rel=1e-9)
+        raw.append(row.p)
+    # Holm by hand: sorted p times (m, m-1, ...), made monotone, capped at 1.
+    order = np.argsort(raw)
+    holm, running = [0.0] * len(raw), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(raw) - rank) * raw[i]))
+        holm[i] = running
+    assert list(comparisons.p_holm) == pytest.approx(holm, rel=1e-9)
+    assert list(comparisons.supported) == [h < 0.05 for h in holm]
+    to_awd = table.loc[["locked_only", "no_dropout"]]
+    assert list(to_awd.p_holm_to_reference) == pytest.approx(holm[:2], rel=1e-9)
+
+
+def test_a_rebuilt_report_is_identical_but_for_its_build_time(smoke_run, smoke_study, report, tmp_path):
+    again = build_report(smoke_study, smoke_run.tracking_uri, smoke_run.storage, report.parent.parent)
+    second = build_report(smoke_study, smoke_run.tracking_uri, smoke_run.storage, tmp_path)
+
+    def without_time(page: Path) -> str:
+        return re.sub(r"Built \d{4}-\d\d-\d\d \d\d:\d\d UTC", "Built", page.read_text())
+
+    assert without_time(again.page) == without_time(second.page)
+    for name in ("results.csv", "comparisons.csv"):
+        assert (again.page.parent / name).read_bytes() == (tmp_path / "smoke" / name).read_bytes()
 
 
 def test_page_is_self_contained_and_says_the_study_is_complete(report):
@@ -141,6 +198,7 @@ PAGE_FACTS = """(async () => {
       cells: Object.fromEntries([...tr.querySelectorAll('[data-col]')].map(c => [c.dataset.col, c.innerText.trim()])),
     })),
     status: document.querySelector('.status').innerText,
+    conclusions: [...document.querySelectorAll('#conclusions li')].map(li => li.innerText),
   };
 })()"""
 
@@ -201,7 +259,8 @@ def test_report_in_headless_chromium(smoke_run, report, tmp_path):
         else:
             diff = metrics["confirm_test_ppl_mean"] - logged["awd"]["confirm_test_ppl_mean"]
             assert cells["diff"].splitlines()[0] == f"{diff:+.2f}"
-            assert cells["p"].startswith("not tested")
+            assert cells["p"].splitlines()[1] == "paired t" and cells["supported"] in ("yes", "no")
+    assert facts["conclusions"][0].startswith("Ordered by mean test perplexity")
 
 
 # --- what the page says about itself ----------------------------------------------------------------
@@ -242,7 +301,7 @@ def test_partial_study_says_what_is_missing(smoke_run, smoke_study, tmp_path):
     client.create_run(experiment.experiment_id, run_name="locked_only search #3", tags={
         "kind": "run", "variant": "locked_only", "phase": "search", "trial": "3", "state": "running"})
 
-    page = build_report(smoke_study, uri, storage, tmp_path / "reports")
+    page = build_report(smoke_study, uri, storage, tmp_path / "reports").page
     text = page.read_text()
     assert "Partial report" in text
     assert "no_dropout: no search has started." in text
@@ -253,7 +312,7 @@ def test_partial_study_says_what_is_missing(smoke_run, smoke_study, tmp_path):
     table = pd.read_csv(page.parent / "results.csv").set_index("variant")
     assert table.loc["awd", "confirm_seeds"] == 1
     assert pd.isna(table.loc["no_dropout", "search_best_val_ppl"])
-    assert table.loc["locked_only", "p_note"] == "2 vs 1 seeds: a CI or a test needs at least 2 on each side"
+    assert table.loc["locked_only", "note_to_reference"] == "2 vs 1 seeds: an interval or a test needs at least 2 on each side"
 
 
 def _rename(frame: pd.DataFrame, names: dict) -> pd.DataFrame:
@@ -273,7 +332,7 @@ def test_strings_from_the_study_file_and_runs_are_escaped(smoke_run, smoke_study
     runs.loc[runs.index[0], ["state", "fail_reason", "device"]] = ["failed", NASTY, NASTY]
     log = dataclasses.replace(
         log, study=study, runs=runs, curves=_rename(log.curves, names), trials=_rename(log.trials, names),
-        counts={names[k]: v for k, v in log.counts.items()},
+        tallies={names[k]: v for k, v in log.tallies.items()},
         importances={names[k]: v for k, v in log.importances.items()},
     )
     page = render_html(summarize(log))
@@ -294,25 +353,20 @@ def test_a_study_that_never_ran_is_a_user_error(smoke_run, tmp_path):
 
 
 # --- the pieces ---------------------------------------------------------------------------------------
-def test_compare_pairs_matching_seeds_and_uses_welch_otherwise():
-    a = {s: 100.0 + s + 0.1 * (s % 2) for s in range(1, 7)}
-    b = {s: 101.0 + s for s in range(1, 7)}
-    paired = compare(a, b)
-    assert paired.test == "paired t" and paired.p < 1e-4 and paired.diff == pytest.approx(-0.95)
-    assert paired.diff_ci[0] <= paired.diff <= paired.diff_ci[1] < 0
-    welch = compare(a, {s: v for s, v in b.items() if s != 6} | {7: 108.0})
-    assert welch.test == "Welch t" and 0.05 < welch.p < 1  # unpaired, the seeds' spread hides the difference
-    few = compare({1: 1.0, 2: 2.0, 3: 3.0}, {1: 2.0, 2: 3.0, 3: 4.5})
-    assert few.p is None
-    assert few.note == "not tested: 3 vs 3 paired seeds (smallest possible p 0.25; needs 6 per variant)"
-
-
-def test_param_importances_need_enough_finished_trials():
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    objective = lambda t: 10 * t.suggest_float("dropout.input", 0, 1) + 0.1 * t.suggest_float("dropout.hidden", 0, 1)
-    study.optimize(objective, n_trials=3)
-    assert param_importances(study).startswith("3 finished search trials: too few")
-    study.optimize(objective, n_trials=17)
-    importances = param_importances(study)
-    assert max(importances, key=importances.get) == "dropout.input"
-    assert sum(importances.values()) == pytest.approx(1.0)
+def test_conclusions_say_each_supported_difference_and_what_more_seeds_would_decide(smoke_run, smoke_study):
+    log = read_logs(smoke_study, smoke_run.tracking_uri, smoke_run.storage)
+    # Six seeds: awd clearly best, locked_only a hair behind it; no_dropout far behind.
+    seeds = range(1, 7)
+    noise = dict(zip(seeds, (0.3, -0.2, 0.1, -0.4, 0.25, 0.0)))
+    ppl = {"awd": {s: 100 + noise[s] for s in seeds}, "locked_only": {s: 100.05 + noise[s] + 0.3 * (s % 2) for s in seeds},
+           "no_dropout": {s: 120 + 2 * noise[s] for s in seeds}}
+    runs = pd.DataFrame([{**log.runs.iloc[0].to_dict(), "variant": v, "phase": "confirm", "state": "finished",
+                          "seed": s, "test_ppl": p, "end_time": s} for v, by_seed in ppl.items() for s, p in by_seed.items()])
+    result = summarize(dataclasses.replace(log, runs=runs))
+    said = conclusions(result)
+    assert said[0] == ("Ordered by mean test perplexity (lower is better; 6 confirmation seeds): awd 100.01 < "
+                       "locked_only 100.21 < no_dropout 120.02.")
+    assert any(s.startswith("awd beats no_dropout by 20.01 ppl (95% CI ") and "Holm p < 0.001" in s for s in said)
+    assert any(s.startswith("locked_only beats no_dropout by ") for s in said)
+    undecided = [s for s in said if s.startswith("Not supported: awd ahead of locked_only by 0.20 ppl")]
+    assert len(undecided) == 1 and "seeds per variant" in undecided[0]

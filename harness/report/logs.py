@@ -1,0 +1,86 @@
+"""What the report reads: a study's MLflow runs (through harness.tracking) and Optuna trials (through
+harness.ledger), gathered once into pandas frames. Nothing here computes a reported number.
+"""
+
+import shlex
+from dataclasses import dataclass
+
+import pandas as pd
+
+from harness.config import StudyConfig
+from harness.errors import UserError
+from harness.ledger import CONFIRM, PHASES, SEARCH, Ledger, holds_study, open_storage
+from harness.stores import redact, sqlite_path
+from harness.tracking import RESULT_METRICS, find_experiment, read_child_runs, read_epoch_metrics
+
+MIN_IMPORTANCE_TRIALS = 5  # a random forest fit to fewer finished trials reports mostly noise
+RUN_COLUMNS = ("run_id", "name", "variant", "phase", "trial", "seed", "attempt", "state", "fail_reason", "device",
+               "device_name", "versions", "git_commit", "corpus", "corpus_md5", "end_time", "params", *RESULT_METRICS)
+CURVE_COLUMNS = ("variant", "seed", "epoch", "train_ppl", "val_ppl")
+TRIAL_COLUMNS = ("variant", "number", "state", "value", "best_seen", "params")
+
+
+@dataclass(frozen=True)
+class StudyLog:
+    """Everything the report reads, gathered once from MLflow and the Optuna storage."""
+
+    study: StudyConfig
+    tracking_uri: str
+    storage: str
+    runs: pd.DataFrame  # one row per MLflow child run (RUN_COLUMNS)
+    curves: pd.DataFrame  # per-epoch train/val perplexity of finished confirmation runs (CURVE_COLUMNS)
+    trials: pd.DataFrame  # one row per finished or pruned Optuna search trial (TRIAL_COLUMNS)
+    tallies: dict  # variant -> phase -> harness.ledger.Tally; a variant without Optuna studies is absent
+    importances: dict  # variant -> {param: importance}, or a sentence saying why there are none
+
+
+def ablate_command(study: StudyConfig, tracking_uri: str, storage: str) -> str:
+    """The command that runs (or resumes) the study into these stores (passwords masked)."""
+    return (f"python -m harness ablate {shlex.quote(str(study.path))} "
+            f"--tracking-uri {shlex.quote(redact(tracking_uri))} --storage {shlex.quote(redact(storage))}")
+
+
+def _curves(tracking_uri: str, runs: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for run in runs[(runs.phase == CONFIRM) & (runs.state == "finished")].itertuples():
+        history = read_epoch_metrics(tracking_uri, run.run_id, ("train_ppl", "val_ppl"))
+        rows += [{"variant": run.variant, "seed": run.seed, "epoch": epoch, "val_ppl": history["val_ppl"][epoch],
+                  "train_ppl": history["train_ppl"].get(epoch, float("nan"))} for epoch in sorted(history["val_ppl"])]
+    return pd.DataFrame(rows, columns=list(CURVE_COLUMNS))
+
+
+def _optuna_side(study: StudyConfig, storage: str, rerun: str) -> tuple[pd.DataFrame, dict, dict]:
+    path = sqlite_path(storage, "--storage")
+    if path is not None and not path.exists():
+        raise UserError(f"no Optuna storage at {path}: pass the --storage the study ran with, or run it first: {rerun}")
+    optuna_storage = open_storage(storage)
+    if not holds_study(optuna_storage, study):
+        raise UserError(f"{redact(storage)} holds no Optuna study of {study.name!r}: pass the --storage the study ran "
+                        f"with, or run it first: {rerun}")
+    ledger = Ledger(study, optuna_storage, study.identity(), create=False)
+    rows, tallies, importances = [], {}, {}
+    for variant in study.variants:
+        for phase in PHASES:
+            if ledger.has(variant, phase):
+                tallies.setdefault(variant, {})[phase] = ledger.tally(variant, phase)
+        if ledger.has(variant, SEARCH):
+            importances[variant] = ledger.importances(variant, MIN_IMPORTANCE_TRIALS)
+            rows += [{"variant": t.variant, "number": t.number, "state": t.state, "value": t.value,
+                      "best_seen": t.best_seen, "params": t.params} for t in ledger.search_trials(variant)]
+    return pd.DataFrame(rows, columns=list(TRIAL_COLUMNS)), tallies, importances
+
+
+def read_logs(study: StudyConfig, tracking_uri: str, storage: str) -> StudyLog:
+    """Gather the study's MLflow runs and Optuna trials; UserError when the study never ran into these stores."""
+    rerun = ablate_command(study, tracking_uri, storage)
+    path = sqlite_path(tracking_uri, "--tracking-uri")
+    if path is not None and not path.exists():  # MLflow would create an empty store there
+        raise UserError(f"no MLflow tracking store at {path}: run the study first: {rerun}")
+    experiment_id = find_experiment(tracking_uri, study)
+    if experiment_id is None:
+        raise UserError(f"{redact(tracking_uri)} has no MLflow experiment {study.name!r}: run the study first: "
+                        f"{rerun}")
+    trials, tallies, importances = _optuna_side(study, storage, rerun)
+    runs = pd.DataFrame(read_child_runs(tracking_uri, experiment_id), columns=list(RUN_COLUMNS))
+    runs[list(RESULT_METRICS)] = runs[list(RESULT_METRICS)].astype(float)  # None (not logged) -> NaN
+    return StudyLog(study, tracking_uri, storage, runs, _curves(tracking_uri, runs), trials, tallies, importances)

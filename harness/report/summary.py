@@ -1,0 +1,285 @@
+"""The report's numbers: one headline row per variant, the comparisons and their verdicts, what is missing,
+and the conclusions in words. A pure function of a StudyLog (harness.report.logs); statistics from harness.stats.
+
+Every difference is variant minus baseline in mean test perplexity over the confirmation seeds (negative: the
+variant is better). The baselines are the reference (awd, else the best variant) and, where the study has it,
+no_dropout, so that each technique's own effect is measured too. All comparisons of a report form one family
+for Holm's adjustment, and a difference is called supported by stats.is_supported alone.
+"""
+
+import shlex
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from harness import stats
+from harness.config import SITES
+from harness.ledger import CONFIRM, SEARCH, Tally, search_space, trials_for
+from harness.report.logs import StudyLog
+
+REFERENCE = "awd"
+NO_DROPOUT = "no_dropout"
+SEARCHABLE = tuple(f"dropout.{site}" for site in SITES) + ("train.lr",)
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """One headline row, from the variant's logged runs and trials."""
+
+    name: str
+    description: str
+    searched: tuple  # names of the searched parameters
+    search_best_val_ppl: float | None
+    best_params: dict  # searched parameter -> value of the best finished search trial
+    test_ppl: dict  # confirmation seed -> test perplexity
+    trials: Tally | None  # of the search study; None when it is missing
+    device_hours: float
+
+    @property
+    def mean(self) -> float | None:
+        """Mean test perplexity over the confirmation seeds."""
+        return float(np.mean(list(self.test_ppl.values()))) if self.test_ppl else None
+
+    @property
+    def sd(self) -> float | None:
+        """Sample standard deviation (n - 1) over the seeds, as the ablation logs it."""
+        return float(np.std(list(self.test_ppl.values()), ddof=1)) if len(self.test_ppl) > 1 else None
+
+    @property
+    def ci(self) -> stats.Interval | None:
+        """Confidence interval of the mean test perplexity (stats.mean_ci)."""
+        return stats.mean_ci(list(self.test_ppl.values())) if len(self.test_ppl) > 1 else None
+
+    @property
+    def trials_run(self) -> int:
+        """Search attempts that ended and counted: finished, pruned, failed for good, and failed then retried."""
+        return self.trials.attempts if self.trials else 0
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """One comparison the report makes: variant against baseline, with its statistics (stats.Comparison)."""
+
+    variant: str
+    baseline: str
+    comparison: stats.Comparison
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """The report's content: headline rows best first, every comparison, the reference and what is missing."""
+
+    log: StudyLog
+    rows: list  # VariantResult, best mean test perplexity first
+    contrasts: list  # Contrast, adjusted together (Holm)
+    reference: str
+    reference_note: str
+    missing: list  # sentences; empty when the study is complete
+
+    def against(self, baseline: str) -> dict:
+        """variant -> stats.Comparison of the contrasts against one baseline."""
+        return {c.variant: c.comparison for c in self.contrasts if c.baseline == baseline}
+
+
+def searchable_params(rows) -> list:
+    """The parameters any of these variants searched, in the fixed order of SEARCHABLE."""
+    return [p for p in SEARCHABLE if any(p in r.searched for r in rows)]
+
+
+def _variant_result(log: StudyLog, variant: str) -> VariantResult:
+    runs = log.runs[log.runs.variant == variant]
+    finished = runs[runs.state == "finished"]
+    search = finished[(finished.phase == SEARCH) & finished.best_val_ppl.notna()]
+    searched = tuple(search_space(log.study, variant))
+    best_val, best_params = None, {}
+    if len(search):
+        best = search.loc[search.best_val_ppl.idxmin()]
+        best_val = float(best.best_val_ppl)
+        best_params = {k: float(best.params[k]) for k in searched if k in best.params}
+    # A run whose test perplexity overflowed (inf) diverged: it is listed with the failures, not averaged.
+    confirm = finished[(finished.phase == CONFIRM) & np.isfinite(finished.test_ppl)].sort_values("end_time")
+    test_ppl = {int(s): float(p) for s, p in zip(confirm.seed, confirm.test_ppl)}  # a seed's latest run wins
+    return VariantResult(
+        variant, log.study.variants[variant].description, searched, best_val, best_params, test_ppl,
+        log.tallies.get(variant, {}).get(SEARCH), float(runs.seconds.sum()) / 3600,
+    )
+
+
+def _reference(results: dict) -> tuple[str, str]:
+    if REFERENCE in results:
+        return REFERENCE, ""
+    confirmed = [r for r in results.values() if r.test_ppl]
+    searched = [r for r in results.values() if r.search_best_val_ppl is not None]
+    if confirmed:
+        best = min(confirmed, key=lambda r: r.mean).name
+        why = "lowest mean test perplexity"
+    elif searched:
+        best = min(searched, key=lambda r: r.search_best_val_ppl).name
+        why = "lowest validation perplexity of the search; no confirmation has finished"
+    else:
+        best, why = next(iter(results)), "first in the study file; nothing has finished yet"
+    return best, (f"{REFERENCE} is not in this study, so differences are to the best variant, {best} ({why}). It was "
+                  "picked after seeing the results, which makes its comparisons optimistic.")
+
+
+def contrast_pairs(variants: list, reference: str) -> list:
+    """(variant, baseline) of every comparison: each variant against the reference, then each other variant
+    against no_dropout (each technique's own effect) where the study has it."""
+    pairs = [(v, reference) for v in variants if v != reference]
+    if NO_DROPOUT in variants and reference != NO_DROPOUT:
+        pairs += [(v, NO_DROPOUT) for v in variants if v not in (reference, NO_DROPOUT)]
+    return pairs
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in str(text).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def missing_parts(log: StudyLog) -> list:
+    """Sentences naming what a complete study would have and this one lacks (empty when complete)."""
+    study, runs, out = log.study, log.runs, []
+    for variant in study.variants:
+        mine = runs[runs.variant == variant]
+        phases = log.tallies.get(variant, {})
+        if SEARCH not in phases:
+            out.append(f"{variant}: no search has started.")
+            continue
+        c, budget = phases[SEARCH], trials_for(study, variant)
+        if c.settled < budget:
+            out.append(f"{variant}: {c.settled} of {budget} search trials settled"
+                       + (f", {c.running} running." if c.running else "."))
+        elif c.finished == 0:
+            out.append(f"{variant}: no search trial finished, so nothing could be confirmed.")
+            continue
+        confirm = mine[mine.phase == CONFIRM]
+        done = set(confirm[confirm.state == "finished"].seed)
+        lacking = {}  # why -> seeds, so a study that has not reached confirmation gets one line per variant
+        for seed in (s for s in study.budget.confirm_seeds if s not in done):
+            tries = confirm[confirm.seed == seed].sort_values("end_time")
+            last = tries.iloc[-1] if len(tries) else None
+            why = ("not started" if last is None else
+                   f"{last.state}: {_last_line(last.fail_reason)}" if last.fail_reason else last.state)
+            lacking.setdefault(why, []).append(str(seed))
+        for why, seeds in lacking.items():
+            out.append(f"{variant}: confirmation seed{'s' * (len(seeds) > 1)} {', '.join(seeds)} "
+                       f"{'have' if len(seeds) > 1 else 'has'} no finished run ({why}).")
+    for run in runs[runs.state == "running"].itertuples():
+        out.append(f"{run.variant}: MLflow run '{run.name}' is still running (if no coordinator is, resuming the "
+                   "study marks it interrupted).")
+    return out
+
+
+def summarize(log: StudyLog) -> StudyResult:
+    """Headline rows, every comparison (Holm-adjusted as one family) and the list of what is missing."""
+    results = {v: _variant_result(log, v) for v in log.study.variants}
+    reference, note = _reference(results)
+    pairs = contrast_pairs(list(results), reference)
+    adjusted = stats.adjust([stats.compare(results[v].test_ppl, results[b].test_ppl) for v, b in pairs])
+    contrasts = [Contrast(v, b, c) for (v, b), c in zip(pairs, adjusted)]
+    order = sorted(results.values(), key=lambda r: (r.mean is None, r.mean or 0.0,
+                                                   r.search_best_val_ppl is None, r.search_best_val_ppl or 0.0))
+    return StudyResult(log, order, contrasts, reference, note, missing_parts(log))
+
+
+def _ppl(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def _p(value: float) -> str:
+    return "< 0.001" if value < 0.001 else f"= {value:.3f}"
+
+
+def conclusions(result: StudyResult) -> list:
+    """The report's findings in sentences: the ordering, each supported difference, and what is not supported
+    with the seeds a decision would take."""
+    confirmed = [r for r in result.rows if r.test_ppl]
+    if not confirmed:
+        return ["No confirmation run has finished yet, so there is nothing to conclude."]
+    seeds = sorted({len(r.test_ppl) for r in confirmed})
+    out = ["Ordered by mean test perplexity (lower is better; " + "/".join(map(str, seeds))
+           + " confirmation seeds): " + " < ".join(f"{r.name} {_ppl(r.mean)}" for r in confirmed) + "."]
+    supported, open_questions = [], []
+    for c in result.contrasts:
+        comp = c.comparison
+        if comp.diff is None:
+            continue
+        # Said as "better beats worse by a positive amount": flip the interval of variant - baseline when needed.
+        better, worse = (c.variant, c.baseline) if comp.diff < 0 else (c.baseline, c.variant)
+        low, high = (-comp.ci.high, -comp.ci.low) if comp.ci and comp.diff < 0 else (
+            (comp.ci.low, comp.ci.high) if comp.ci else (None, None))
+        interval = f"95% CI {low:.2f}..{high:.2f}" if comp.ci else "no interval"
+        if comp.supported:
+            supported.append(f"{better} beats {worse} by {abs(comp.diff):.2f} ppl ({interval}, {comp.test} "
+                             f"p {_p(comp.p)}, Holm p {_p(comp.p_holm)}).")
+        else:
+            why = f"Holm p {_p(comp.p_holm)}" if comp.p_holm is not None else (comp.note or "not tested")
+            needed = comp.seeds_needed
+            need = ("an unknown number of seeds" if needed is None else
+                    f"about {needed.text}" if needed.per_variant else needed.text)
+            open_questions.append(f"Not supported: {better} ahead of {worse} by {abs(comp.diff):.2f} ppl ({interval}, "
+                                  f"{why}); deciding it would take {need}, if the observed difference is real.")
+    if supported:
+        out += supported
+    else:
+        out.append("No difference is supported after Holm's correction.")
+    return out + open_questions
+
+
+def results_frame(result: StudyResult) -> pd.DataFrame:
+    """The headline table as numbers (results.csv): one row per variant, best first."""
+    searched = searchable_params(result.rows)
+    to_reference = result.against(result.reference)
+    rows = []
+    for r in result.rows:
+        c = to_reference.get(r.name)
+        ci = r.ci
+        rows.append({
+            "variant": r.name, "description": r.description, "reference": r.name == result.reference,
+            "search_best_val_ppl": r.search_best_val_ppl, "confirm_seeds": len(r.test_ppl),
+            "seeds": ";".join(map(str, sorted(r.test_ppl))), "test_ppl_mean": r.mean, "test_ppl_sd": r.sd,
+            "test_ppl_ci_low": ci.low if ci else None, "test_ppl_ci_high": ci.high if ci else None,
+            "test_ppl_ci_method": ci.method if ci else None,
+            **_comparison_columns(c, "_to_reference"),
+            **{f"best.{p}": r.best_params.get(p) for p in searched},
+            "trials_run": r.trials_run,
+            **{f"trials_{k}": getattr(r.trials or Tally(), k) for k in ("finished", "pruned", "failed", "retried",
+                                                                          "interrupted")},
+            "device_hours": r.device_hours,
+        })
+    return pd.DataFrame(rows)
+
+
+def _comparison_columns(c: stats.Comparison | None, suffix: str = "") -> dict:
+    return {
+        f"diff{suffix}": c.diff if c else None, f"diff_ci_low{suffix}": c.ci.low if c and c.ci else None,
+        f"diff_ci_high{suffix}": c.ci.high if c and c.ci else None,
+        f"diff_ci_method{suffix}": c.ci.method if c and c.ci else None, f"test{suffix}": c.test if c else None,
+        f"p{suffix}": c.p if c else None, f"p_holm{suffix}": c.p_holm if c else None,
+        f"supported{suffix}": c.supported if c else None,
+        f"seeds_needed{suffix}": c.seeds_needed.per_variant if c and c.seeds_needed else None,
+        f"note{suffix}": c.note if c else None,
+    }
+
+
+def comparisons_frame(result: StudyResult) -> pd.DataFrame:
+    """Every comparison the report makes (comparisons.csv): variant, baseline, difference, interval, tests."""
+    return pd.DataFrame([{"variant": c.variant, "baseline": c.baseline, "n_variant": c.comparison.n_variant,
+                          "n_baseline": c.comparison.n_reference, "paired": c.comparison.paired,
+                          **_comparison_columns(c.comparison)} for c in result.contrasts])
+
+
+def rerun_commands(result: StudyResult) -> list:
+    """One `python -m harness train` command per confirmation run: the study plus the --set it differed by."""
+    study, out = result.log.study, []
+    runs = result.log.runs
+    for r in result.rows:
+        base = {k: str(v) for k, v in study.run_config(r.name).flat().items()}
+        confirm = runs[(runs.variant == r.name) & (runs.phase == CONFIRM) & (runs.state == "finished")]
+        for run in confirm.sort_values("seed").itertuples():
+            sets = [f"--set {shlex.quote(f'{k}={v}')}" for k, v in sorted(run.params.items())
+                    if k in base and base[k] != v]
+            out.append(f"python -m harness train {shlex.quote(str(study.path))} --variant {shlex.quote(r.name)} "
+                       + " ".join(sets))
+    return out
