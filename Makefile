@@ -44,6 +44,23 @@ ui: install
 bench: install
 	$(BIN)/python -m harness bench
 
+# The GPU check (README: GPU check): tests, memory, bench, one paper epoch and trial packing on a CUDA GPU,
+# one table in GPU_CHECK_OUT; without a GPU it says what it skipped and exits 0. For a GPU machine that has
+# only torch, numpy and pytest: `make gpu-check-command` builds GPU_BUNDLE (the pure-Python packages the
+# harness imports at start-up, and PTB) and prints the one command line to run there, and what to carry.
+GPU_BUNDLE := .gpu-bundle
+GPU_CHECK_OUT ?= runs/gpu-check
+.PHONY: gpu-check gpu-bundle gpu-check-command
+
+gpu-check: install
+	$(BIN)/python -m harness.gpu_check --out $(GPU_CHECK_OUT)
+
+gpu-bundle: install
+	$(BIN)/python -m harness.gpu_check --bundle $(GPU_BUNDLE)
+
+gpu-check-command: gpu-bundle
+	@$(BIN)/python -m harness.gpu_check --print-command
+
 # Mutation testing of harness/{dropout,model,train}.py against the fast tests ([tool.mutmut] in pyproject.toml),
 # then the score per file. One mutant at a time by default, one torch thread each: every mutant runs CPU tests.
 MUTANT_CHILDREN ?= 1

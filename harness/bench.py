@@ -5,12 +5,15 @@
 
 Each round times every arm back to back in one process (forward + backward + clip + SGD step on
 (bptt, batch) token segments), so a slower machine or a busy core moves both sides alike; the ratio is
-the median over rounds of arm / plain, in wall-clock time and in this process's CPU time (which other
-processes on a shared machine do not move). Peak memory comes from the CUDA allocator on a GPU and, on a CPU,
-from the sampled resident size of a fresh process that trains only that arm.
+the median over rounds of arm / plain, in wall-clock time and, on a CPU, in this process's CPU time (which
+other processes on a shared machine do not move). On a GPU each timed stretch starts and ends with
+torch.cuda.synchronize(), after warm-up steps. Peak memory comes from the CUDA allocator on a GPU and, on a
+CPU, from the sampled resident size of a fresh process that trains only that arm. `pack_trials` measures
+several trials sharing one device; `weight_drop_memory` the allocator's bytes per step of weight drop.
 """
 
 import concurrent.futures
+import math
 import multiprocessing
 import os
 import statistics
@@ -25,14 +28,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.config import HIDDEN_MODES, DropoutConfig, ModelConfig, RunConfig
+from harness.dropout import WeightDropLSTM
 from harness.model import AWDLSTM, LMOutput, detach_state
 from harness.scheduler import Scheduler, Slot, Task
 
-# The paper's PTB model and the CPU-sized one of studies/cpu-ptb.toml.
-SIZES = {"paper": ModelConfig(400, 1150, 3), "cpu": ModelConfig(200, 400, 3)}
+# The paper's PTB model and the CPU-sized one of studies/cpu-ptb.toml; "tiny" is for tests and rehearsals.
+SIZES = {"paper": ModelConfig(400, 1150, 3), "cpu": ModelConfig(200, 400, 3), "tiny": ModelConfig(32, 64, 2)}
 PAPER_RATES = dict(embedding=0.1, input=0.4, hidden=0.25, output=0.4, weight=0.5)
 ARMS = ("plain", *HIDDEN_MODES)
 VOCAB, BATCH, BPTT = 10_000, 20, 70
+
+
+def layer_sizes(model: ModelConfig) -> list[tuple[int, int]]:
+    """(input_size, hidden_size) of each LSTM layer of AWD-LSTM (tied: the last is emb_size wide) and PlainLSTM."""
+    sizes = [model.emb_size] + [model.hidden_size] * (model.n_layers - 1) + [model.emb_size]
+    return list(zip(sizes, sizes[1:]))
 
 
 class PlainLSTM(nn.Module):
@@ -40,9 +50,8 @@ class PlainLSTM(nn.Module):
 
     def __init__(self, vocab_size: int, model: ModelConfig):
         super().__init__()
-        sizes = [model.emb_size] + [model.hidden_size] * (model.n_layers - 1) + [model.emb_size]
         self.encoder = nn.Embedding(vocab_size, model.emb_size)
-        self.layers = nn.ModuleList(nn.LSTM(sizes[i], sizes[i + 1]) for i in range(model.n_layers))
+        self.layers = nn.ModuleList(nn.LSTM(i, o) for i, o in layer_sizes(model))
         self.decoder = nn.Linear(model.emb_size, vocab_size)
         self.decoder.weight = self.encoder.weight
 
@@ -69,12 +78,12 @@ def build_arm(arm: str, size: str, device: str) -> nn.Module:
 class _Trainer:
     """One arm's model, optimizer, data and carried state, ready to take timed steps."""
 
-    def __init__(self, arm: str, size: str, device: str):
+    def __init__(self, arm: str, size: str, device: str, batch_size: int = BATCH):
         torch.manual_seed(0)
         self.model = build_arm(arm, size, device).train()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1.0)
-        self.data = torch.randint(VOCAB, (BPTT + 1, BATCH), device=device)  # (T + 1, B)
-        self.state = self.model.init_state(BATCH)
+        self.data = torch.randint(VOCAB, (BPTT + 1, batch_size), device=device)  # (T + 1, B)
+        self.state = self.model.init_state(batch_size)
 
     def step(self):
         self.state = detach_state(self.state)
@@ -97,7 +106,7 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _peak_rss_mb(arm: str, size: str, steps: int) -> float:
+def _peak_rss_mb(arm: str, size: str, steps: int, batch_size: int = BATCH) -> float:
     """Runs in a fresh process: peak resident size above the imports (MB) while training one arm.
 
     A sampling thread reads the resident size every millisecond (torch releases the GIL in its kernels);
@@ -114,7 +123,7 @@ def _peak_rss_mb(arm: str, size: str, steps: int) -> float:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    trainer = _Trainer(arm, size, "cpu")
+    trainer = _Trainer(arm, size, "cpu", batch_size)
     for _ in range(steps):
         trainer.step()
     done.set()
@@ -130,47 +139,56 @@ class BenchRow:
     arm: str
     tokens_per_s: float
     ratio: float  # median over rounds of this arm's tokens/s over the plain stack's
-    cpu_ratio: float  # the same in CPU time: unmoved by other processes on a shared machine
+    # The same in CPU time: unmoved by other processes on a shared machine. NaN on a GPU: there the host
+    # mostly waits in synchronize(), spinning by default, so its CPU time only repeats the wall clock.
+    cpu_ratio: float
     peak_memory_mb: float
+    batch_size: int = BATCH
 
 
 def run_bench(sizes=("paper", "cpu"), rounds: int = 5, steps: int = 3, device: str = "cpu",
-              arms=ARMS, log=print) -> list[BenchRow]:
-    """Measure every arm at every size; the arms alternate within each round."""
+              arms=ARMS, log=print, batch_size: int = BATCH, warmup: int = 1) -> list[BenchRow]:
+    """Measure every arm at every size; the arms alternate within each round, after `warmup` steps each."""
     rows = []
     for size in sizes:
-        trainers = {arm: _Trainer(arm, size, device) for arm in arms}
-        for trainer in trainers.values():  # warm-up: allocator, kernels, thread pools
-            trainer.step()
+        trainers = {arm: _Trainer(arm, size, device, batch_size) for arm in arms}
+        for trainer in trainers.values():  # warm-up: allocator, kernels (cuDNN picks its algorithms), threads
+            for _ in range(warmup):
+                trainer.step()
         _sync(device)
         speeds = {arm: [] for arm in arms}  # tokens per wall-clock second, one entry per round
         cpu_speeds = {arm: [] for arm in arms}  # tokens per CPU second of this process
         for r in range(rounds):
             order = arms[r % len(arms):] + arms[: r % len(arms)]  # rotate so no arm always runs first
             for arm in order:
+                # The previous stretch ended with a synchronize, so the clock starts on an idle device.
                 started, cpu_started = time.perf_counter(), time.process_time()
                 for _ in range(steps):
                     trainers[arm].step()
                 _sync(device)
-                speeds[arm].append(steps * BPTT * BATCH / (time.perf_counter() - started))
-                cpu_speeds[arm].append(steps * BPTT * BATCH / (time.process_time() - cpu_started))
+                tokens = steps * BPTT * batch_size
+                speeds[arm].append(tokens / (time.perf_counter() - started))
+                cpu_speeds[arm].append(tokens / max(time.process_time() - cpu_started, 1e-9))
             log(f"  {size}: round {r + 1}/{rounds} " + "  ".join(f"{a} {speeds[a][-1]:,.0f}" for a in arms))
         del trainers
-        memory = _peak_memory(arms, size, device)
+        memory = _peak_memory(arms, size, device, batch_size)
         for arm in arms:
             ratio = statistics.median(s / p for s, p in zip(speeds[arm], speeds["plain"]))
             cpu_ratio = statistics.median(s / p for s, p in zip(cpu_speeds[arm], cpu_speeds["plain"]))
-            rows.append(BenchRow(size, arm, statistics.median(speeds[arm]), ratio, cpu_ratio, memory[arm]))
+            if device.startswith("cuda"):
+                cpu_ratio = math.nan
+            rows.append(BenchRow(size, arm, statistics.median(speeds[arm]), ratio, cpu_ratio, memory[arm],
+                                 batch_size))
     return rows
 
 
-def _peak_memory(arms, size: str, device: str) -> dict:
+def _peak_memory(arms, size: str, device: str, batch_size: int = BATCH) -> dict:
     if device.startswith("cuda"):
         peaks = {}
         for arm in arms:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            trainer = _Trainer(arm, size, device)
+            trainer = _Trainer(arm, size, device, batch_size)
             for _ in range(2):
                 trainer.step()
             _sync(device)
@@ -181,24 +199,28 @@ def _peak_memory(arms, size: str, device: str) -> dict:
     peaks = {}
     for arm in arms:  # one fresh process per arm: the peak resident size only ever grows
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-            peaks[arm] = pool.submit(_peak_rss_mb, arm, size, 2).result()
+            peaks[arm] = pool.submit(_peak_rss_mb, arm, size, 2, batch_size).result()
     return peaks
 
 
 def format_table(rows: list[BenchRow], device: str) -> str:
     """Markdown table of the measurements."""
+    batches = ", ".join(str(b) for b in sorted({row.batch_size for row in rows})) or str(BATCH)
     lines = [
-        f"training throughput, {device}, {torch.get_num_threads()} threads, batch {BATCH}, bptt {BPTT}, "
+        f"training throughput, {device}, {torch.get_num_threads()} threads, batch {batches}, bptt {BPTT}, "
         f"vocab {VOCAB}; AWD arms have every technique on ({', '.join(f'{k} {v}' for k, v in PAPER_RATES.items())})",
         "",
         "| size | arm | tokens/s | vs plain | vs plain (CPU time) | peak memory (MB) |",
         "|---|---|---:|---:|---:|---:|",
     ]
+    several = len({row.batch_size for row in rows}) > 1
     for row in rows:
         m = SIZES[row.size]
+        size = f"{row.size} ({m.emb_size}/{m.hidden_size}/{m.n_layers})" + (f", batch {row.batch_size}" * several)
+        cpu_ratio = "n/a" if math.isnan(row.cpu_ratio) else f"{row.cpu_ratio:.3f}x"
         lines.append(
-            f"| {row.size} ({m.emb_size}/{m.hidden_size}/{m.n_layers}) | {row.arm} | {row.tokens_per_s:,.0f} "
-            f"| {row.ratio:.3f}x | {row.cpu_ratio:.3f}x | {row.peak_memory_mb:,.0f} |"
+            f"| {size} | {row.arm} | {row.tokens_per_s:,.0f} "
+            f"| {row.ratio:.3f}x | {cpu_ratio} | {row.peak_memory_mb:,.0f} |"
         )
     return "\n".join(lines)
 
@@ -213,6 +235,7 @@ class EqualTrials:
         self.config, self.workdir = config.to_dict(), workdir
         self.todo = [f"task{i}" for i in range(n)]
         self.events = []  # (monotonic time, "start" | "done", slot index, task key, tasks not yet started)
+        self.epochs = []  # (task key, the epoch's metrics as the worker reported them: EpochResult as a dict)
 
     def next_task(self, slot: Slot) -> Task | None:
         if not self.todo:
@@ -224,6 +247,7 @@ class EqualTrials:
         self.events.append((time.monotonic(), "start", slot.index, task.key, len(self.todo)))
 
     def on_epoch(self, task: Task, epoch: dict) -> bool:
+        self.epochs.append((task.key, epoch))
         return True
 
     def on_done(self, task: Task, slot: Slot, outcome) -> None:
@@ -246,3 +270,109 @@ def bench_slots(config: RunConfig, n_tasks: int, slot_counts=(1, 2), log=print) 
             seconds[count] = time.perf_counter() - started
         log(f"  {n_tasks} equal trials on {count} slot{'s' * (count > 1)}: {seconds[count]:.1f} s")
     return seconds
+
+
+@dataclass(frozen=True)
+class PackingResult:
+    """One wave of equal trials started together, one per slot, all slots on one device."""
+
+    trials: int
+    wall_seconds: float  # scheduler start to last trial done: start-up, data, training, validation, checkpoints
+    train_tokens: int  # training tokens of all the trials together
+    # Sum over the trials of each one's median training tokens/s over its epochs after the first (its only
+    # epoch if it has one): the device's aggregate throughput while the trials share it, start-up excluded.
+    steady_tokens_per_s: float
+
+    @property
+    def wall_tokens_per_s(self) -> float:
+        """Training tokens of all trials over the wall time, start-up included."""
+        return self.train_tokens / self.wall_seconds
+
+
+def pack_trials(config: RunConfig, waves: list[list[Slot]], log=print) -> list[PackingResult]:
+    """Run one wave of equal trials per slot list (len(slots) trials at once) through the Scheduler.
+
+    A study packs k trials onto one GPU with k slots naming it (`--trials-per-device k`); comparing the
+    aggregate throughput of waves of 1, 2, 4 slots shows what packing gains. Raises RuntimeError if a trial
+    does not finish (the other trials of its wave are killed).
+    """
+    results = []
+    for slots in waves:
+        with tempfile.TemporaryDirectory() as workdir:
+            source = EqualTrials(config, len(slots), Path(workdir))
+            scheduler = Scheduler(slots, tick_seconds=0.1)
+            started = time.perf_counter()
+            try:
+                scheduler.run(source)
+            finally:  # a failed trial raises out of run(); its wave mates must not outlive it
+                for run in scheduler.running.values():
+                    run.process.kill()
+            wall = time.perf_counter() - started
+        per_trial = {}
+        for key, epoch in source.epochs:
+            per_trial.setdefault(key, []).append(epoch)
+        train_tokens = sum(round(e["tokens_per_s"] * e["epoch_seconds"]) for es in per_trial.values() for e in es)
+        steady = sum(statistics.median(e["tokens_per_s"] for e in (es[1:] or es)) for es in per_trial.values())
+        results.append(PackingResult(len(slots), wall, train_tokens, steady))
+        log(f"  {len(slots)} trial{'s' * (len(slots) > 1)} on {', '.join(sorted({s.device for s in slots}))}: "
+            f"{wall:.1f} s, {steady:,.0f} tokens/s together while training")
+    return results
+
+
+@dataclass(frozen=True)
+class WeightDropMemory:
+    """CUDA allocator bytes of WeightDropLSTM layers against nn.LSTM layers of the same sizes (float32)."""
+
+    step_extra: int  # peak bytes allocated during one forward + backward, above the plain layers' peak
+    held_extra: int  # bytes the layers themselves hold, above the plain layers' (expected: the raw W_hh)
+    w_hh_bytes: int  # one (4H, H) matrix per layer, summed
+    flat_bytes: int  # the plain layers' flat weight buffers, summed: what a per-call weight copy would add
+
+
+def peak_step_bytes(layers: nn.Module, x: torch.Tensor) -> int:
+    """Peak CUDA bytes allocated above the starting point while x (T, B, I) goes forward and back through layers."""
+    layers.zero_grad(set_to_none=True)  # a step's own gradients count; the previous step's do not
+    torch.cuda.synchronize(x.device)
+    before = torch.cuda.memory_allocated(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
+    h = x
+    for layer in layers:
+        h, _ = layer(h)
+    h.sum().backward()
+    del h
+    torch.cuda.synchronize(x.device)
+    return torch.cuda.max_memory_allocated(x.device) - before
+
+
+def weight_drop_memory(sizes: list[tuple[int, int]], batch_size: int, bptt: int, weight_p: float = 0.5,
+                       device: str = "cuda", repeats: int = 3) -> WeightDropMemory:
+    """Measure what weight drop costs in memory on cuDNN, per training step and held, against nn.LSTM layers.
+
+    Per layer and step weight drop should add its (4H, H) mask and the masked gradient of the raw W_hh, and hold
+    the raw W_hh; cuDNN compacting non-contiguous weights at every call would add a whole flat buffer per layer.
+    The two stacks alternate over `repeats` steps after one warm-up step each; medians are compared.
+    """
+    torch.manual_seed(0)
+    x = torch.randn(bptt, batch_size, sizes[0][0], device=device)  # (T, B, I)
+    builders = {"plain": lambda i, o: nn.LSTM(i, o),
+                "weight_drop": lambda i, o: WeightDropLSTM(i, o, weight_p=weight_p)}
+    stacks, held = {}, {}
+    for name, build in builders.items():
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        stacks[name] = nn.ModuleList(build(i, o) for i, o in sizes).to(device).train()
+        torch.cuda.synchronize(device)
+        held[name] = torch.cuda.memory_allocated(device) - before
+    for stack in stacks.values():  # warm-up: cuDNN's algorithm choice and workspace, the allocator's pools
+        peak_step_bytes(stack, x)
+    peaks = {name: [] for name in stacks}
+    for r in range(repeats):
+        for name in (list(stacks) if r % 2 == 0 else list(stacks)[::-1]):
+            peaks[name].append(peak_step_bytes(stacks[name], x))
+    element = x.element_size()
+    return WeightDropMemory(
+        step_extra=statistics.median(peaks["weight_drop"]) - statistics.median(peaks["plain"]),
+        held_extra=held["weight_drop"] - held["plain"],
+        w_hh_bytes=sum(4 * o * o for _, o in sizes) * element,
+        flat_bytes=sum(4 * o * (i + o + 2) for i, o in sizes) * element,
+    )

@@ -378,27 +378,3 @@ def test_weight_drop_applies_on_the_recurrent_path_too():
     out.sum().backward()
     assert_drop_rate(layer.weight_hh_raw.grad == 0)
 
-
-# ---- CUDA -----------------------------------------------------------------------------------------
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_reaches_cudnn_without_weight_copies(kernel_calls):
-    layer = WeightDropLSTM(32, 48, weight_p=P).cuda()
-    x = torch.randn(10, 4, 32, device="cuda")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(3):
-            layer.zero_grad()  # keep only the last call's gradient, to compare with its mask
-            out, _ = layer(x)
-            out.sum().backward()
-        torch.cuda.synchronize()
-    assert [str(w.message) for w in caught] == []
-    # cuDNN owns the layout; what matters is that all four weights live in its one buffer.
-    assert len({w.untyped_storage().data_ptr() for w in kernel_calls[-1][0]}) == 1
-    mask = kernel_calls[-1][1] / layer.weight_hh_raw.detach()
-    grad = layer.weight_hh_raw.grad
-    assert (grad[mask == 0] == 0).all() and (grad[mask != 0] != 0).all()
-    layer.weight_p = 0.0
-    torch.testing.assert_close(run(layer, x), run(lstm_like(layer).cuda(), x))
