@@ -63,7 +63,10 @@ class TrainingDiverged(RuntimeError):
 
 def perplexity(loss: float) -> float:
     """exp(loss), inf past float range."""
-    return math.exp(loss) if loss < 700 else math.inf
+    try:
+        return math.exp(loss)
+    except OverflowError:  # loss > ~709.78
+        return math.inf
 
 
 def seed_everything(seed: int) -> None:

@@ -11,7 +11,7 @@ from harness.config import DropoutConfig, ModelConfig, RunConfig, TrainConfig
 from harness.data import Corpus, load_corpus
 from harness.errors import UserError
 from harness.model import AWDLSTM
-from harness.train import TrainingDiverged, NTASGD, train_model
+from harness.train import TrainingDiverged, NTASGD, perplexity, train_model
 
 AWD = DropoutConfig(embedding=0.1, input=0.3, hidden=0.2, output=0.3, weight=0.4)
 
@@ -102,8 +102,16 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
 
 def test_resume_refuses_another_config(tmp_path):
     train_model(config(epochs=1), tiny_corpus(), checkpoint_dir=tmp_path, progress=False)
-    with pytest.raises(UserError, match=r"train.lr 5.0 -> 2.0.*--fresh"):
-        train_model(config(epochs=1, lr=2.0), tiny_corpus(), checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(UserError) as error:
+        train_model(config(epochs=1, lr=2.0, clip=0.5), tiny_corpus(), checkpoint_dir=tmp_path, progress=False)
+    assert str(error.value) == (f"{tmp_path / 'last.pt'} was made by another config (train.lr 5.0 -> 2.0, "
+                                "train.clip 0.25 -> 0.5); pass --fresh to start over, or --out for a new folder")
+
+
+def test_perplexity_is_exp_of_the_loss_until_it_overflows():
+    assert perplexity(math.log(42.0)) == pytest.approx(42.0)
+    assert perplexity(705.0) == math.exp(705.0)  # finite: not inf before the float range ends
+    assert perplexity(710.0) == math.inf and perplexity(math.inf) == math.inf
 
 
 def test_checkpoint_is_state_dict_config_and_metrics(tmp_path):
