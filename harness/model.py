@@ -47,12 +47,7 @@ class AWDLSTM(nn.Module):
         self.hidden_dropouts = nn.ModuleList(make_hidden_dropout(mode, dropout.hidden) for _ in sizes[2:])
         self.output_dropout = make_hidden_dropout(mode, dropout.output)
         self.decoder = nn.Linear(last, vocab_size)
-        if model.tie_weights:
-            if self.decoder.weight.shape != self.encoder.weight.shape:
-                raise ValueError(
-                    f"tied weights need decoder {tuple(self.decoder.weight.shape)} == "
-                    f"embedding {tuple(self.encoder.weight.shape)}"
-                )
+        if model.tie_weights:  # the shapes match by construction: the last layer is emb_size wide
             self.decoder.weight = self.encoder.weight
         # The reference code's initialisation.
         nn.init.uniform_(self.encoder.weight, -0.1, 0.1)

@@ -61,8 +61,9 @@ def assert_masks(values: torch.Tensor, p: float = P) -> None:
     ],
 )
 def test_rates_outside_unit_interval_raise(build, name, p):
-    with pytest.raises(ValueError, match=rf"^{name}="):
+    with pytest.raises(ValueError) as error:
         build(p)
+    assert str(error.value) == f"{name}={p!r} is not a dropout rate in [0, 1); use 0 to switch it off"
 
 
 @pytest.mark.parametrize("cls", [LockedDropout, NaiveDropout, TimestepDropout])
@@ -89,9 +90,9 @@ def test_make_hidden_dropout_maps_every_mode():
 
 
 def test_make_hidden_dropout_rejects_unknown_mode_listing_the_choices():
-    with pytest.raises(ValueError, match="variational") as error:
+    with pytest.raises(ValueError) as error:
         make_hidden_dropout("variational", P)
-    assert all(mode in str(error.value) for mode in HIDDEN_MODES)
+    assert str(error.value) == f"unknown hidden dropout mode 'variational'; choose one of {', '.join(HIDDEN_MODES)}"
 
 
 def test_extra_repr_shows_the_rates():
@@ -166,8 +167,9 @@ def test_embedding_dropout_honours_padding_idx_and_rejects_max_norm():
     embedding = nn.Embedding(10, 4, padding_idx=0)
     EmbeddingDropout(embedding, P)(torch.tensor([[0, 1], [0, 2]])).sum().backward()
     assert (embedding.weight.grad[0] == 0).all()
-    with pytest.raises(ValueError, match="max_norm"):
+    with pytest.raises(ValueError) as error:
         EmbeddingDropout(nn.Embedding(10, 4, max_norm=1.0), P)
+    assert str(error.value) == "EmbeddingDropout does not support an nn.Embedding with max_norm; set max_norm=None"
 
 
 class _LargestOutput(TorchDispatchMode):

@@ -163,6 +163,16 @@ def test_weight_drop_masks_each_layers_recurrent_weights():
     assert all((layer.weight_hh_raw.grad != 0).float().mean() > 0.99 for layer in model.layers)
 
 
+def test_initialisation_follows_the_reference_code():
+    torch.manual_seed(0)
+    model = AWDLSTM(500, SIZES, AWD)
+    embedding = model.encoder.weight
+    assert embedding.abs().max() <= 0.1 and embedding.abs().max() > 0.099  # uniform(-0.1, 0.1)
+    assert abs(embedding.mean().item()) < 0.005 and (model.decoder.bias == 0).all()
+    assert all((h == 0).all() and (c == 0).all() and h.shape == c.shape == (1, 5, layer.hidden_size)
+               for (h, c), layer in zip(model.init_state(5), model.layers, strict=True))
+
+
 def test_detach_state_cuts_the_graph():
     model = AWDLSTM(50, SIZES, AWD).train()
     _, state, _, _ = model(torch.randint(50, (4, 2)))
