@@ -251,29 +251,27 @@ def _gpu_machine_modules() -> tuple[set, set]:
 
 
 def write_blocker(folder: Path, bundle_site: Path | None) -> Path:
-    """A sitecustomize.py in folder that makes every other installed package unimportable in every process
-    started with folder on PYTHONPATH; the bundle's packages import only from bundle_site, if given."""
+    """A sitecustomize.py in folder that makes every other installed package absent in every process started
+    with folder on PYTHONPATH; the bundle's packages are found only in bundle_site, if given."""
     _, blocked = _gpu_machine_modules()
     folder.mkdir(parents=True, exist_ok=True)
+    # A replacement for sys.meta_path's PathFinder rather than a finder that raises: importlib.util.find_spec
+    # must answer None for an absent package, as on the GPU machine (torch._dynamo probes optional ones so).
     (folder / "sitecustomize.py").write_text(textwrap.dedent(f"""
-        import importlib.abc, importlib.machinery, sys
+        import importlib.machinery, sys
         BLOCKED, BUNDLE, SITE = {sorted(blocked)!r}, {list(BUNDLE_PACKAGES)!r}, {str(bundle_site) if bundle_site else None!r}
 
-        class NotOnTheGpuMachine(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
+        class GpuMachinePathFinder(importlib.machinery.PathFinder):
+            @classmethod
+            def find_spec(cls, name, path=None, target=None):
                 top = name.partition(".")[0]
-                if top in BUNDLE:
-                    if SITE is None or name != top:  # submodules resolve inside the package found
-                        return None
-                    spec = importlib.machinery.PathFinder.find_spec(name, [SITE])
-                    if spec is None:
-                        raise ModuleNotFoundError(f"{{name}} is not in the bundle {{SITE}}", name=name)
-                    return spec
-                if top in BLOCKED:
-                    raise ModuleNotFoundError(f"{{name}} is not on the GPU machine", name=name)
-                return None
+                if path is None and top in BUNDLE:
+                    return super().find_spec(name, [SITE] if SITE else None, target)
+                if path is None and top in BLOCKED:
+                    return None
+                return super().find_spec(name, path, target)
 
-        sys.meta_path.insert(0, NotOnTheGpuMachine())
+        sys.meta_path[:] = [GpuMachinePathFinder if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
     """))
     return folder
 
@@ -283,8 +281,9 @@ def test_the_blocker_blocks_what_a_gpu_machine_lacks(tmp_path):
     assert {"torch", "numpy", "pytest"} <= allowed
     assert {"optuna", "mlflow", "sqlalchemy", "requests", "seaborn", "pandas", "joblib", "tqdm"} <= blocked
     env = {**os.environ, "PYTHONPATH": str(write_blocker(tmp_path / "block", None))}
-    proc = subprocess.run([sys.executable, "-c", "import optuna"], env=env, capture_output=True, text=True)
-    assert "optuna is not on the GPU machine" in proc.stderr
+    probe = "import importlib.util, joblib; print(importlib.util.find_spec('pandas')); import optuna"
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert proc.stdout == "None\n" and "No module named 'optuna'" in proc.stderr
 
 
 def test_the_check_imports_only_torch_numpy_pytest_and_the_bundled_packages(tmp_path):
