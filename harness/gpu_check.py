@@ -558,7 +558,7 @@ def device_command(bundle: str = ".gpu-bundle") -> str:
     # The first of python3/python that has torch: the GPU machine's own interpreter, not a bare system one.
     return (f'PY=$(for p in python3 python; do $p -c "import torch" 2>/dev/null && echo $p && break; done); '
             f'PYTHONPATH="$PWD:$PWD/{bundle}/site${{PYTHONPATH:+:$PYTHONPATH}}" AWD_DATA_DIR="$PWD/{bundle}/data" '
-            f'"$PY" -m harness.gpu_check --out "$OUT"')
+            f'"${{PY:?no python3 or python with torch on PATH}}" -m harness.gpu_check --out "$OUT"')
 
 
 def main(argv=None) -> int:
