@@ -171,3 +171,40 @@ def test_resume_loads_weights_only_and_refuses_pickled_objects(tmp_path):
     torch.save({**last, "extra": _NotATensor()}, tmp_path / "last.pt")
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         train_model(config(epochs=2), tiny_corpus(n_train=400), checkpoint_dir=tmp_path, progress=False)
+
+
+def test_seed_everything_seeds_python_numpy_and_torch():
+    import random
+
+    import numpy as np
+
+    from harness.train import seed_everything
+
+    seed = 2**32 + 2**31 + 7  # numpy's global seed must be < 2**32: it gets the seed modulo 2**32
+    seed_everything(seed)
+    drawn = (random.random(), np.random.random(), torch.rand(()).item())
+    expected = (random.Random(seed).random(), np.random.RandomState(seed % 2**32).random_sample(),
+                torch.rand((), generator=torch.Generator().manual_seed(seed)).item())
+    assert drawn == expected
+
+
+def test_progress_bar_shows_epoch_tokens_loss_ppl_and_lr_and_is_cleared(monkeypatch):
+    import functools
+    import io
+
+    from harness import train
+
+    for progress in (True, False):
+        out = io.StringIO()
+        monkeypatch.setattr(train, "tqdm", functools.partial(train.tqdm, file=out, mininterval=0))
+        train_model(config(epochs=1), tiny_corpus(), progress=progress)
+        text = out.getvalue()
+        if not progress:
+            assert text == ""
+            continue
+        last_render = text.rstrip("\r ").split("\r")[-1]  # e.g. epoch 1/1:  97%|...| 2.90k/3.00k [...,
+        assert last_render.startswith("epoch 1/1:")          #      2.37ktok/s, loss=3.706, lr=5, ppl=40.7]
+        assert "k/3.00k" in last_render and "ktok/s" in last_render  # tokens, SI-scaled
+        loss = float(last_render.split("loss=")[1].split(",")[0])
+        assert f"ppl={math.exp(loss):.1f}" in last_render and "lr=5," in last_render
+        assert text.endswith("\r") and not text.endswith("\n")  # leave=False: the finished bar is erased
