@@ -61,7 +61,7 @@ class Recorder:
 
 def test_nt_asgd_switches_validates_averaged_weights_and_tests_the_best(monkeypatch):
     # nonmono=2: epoch 5's 4.2 is worse than min(history[:-2]) = 4.0, so ASGD takes over from epoch 6.
-    losses = [5.0, 4.0, 4.5, 4.8, 4.2, 3.9, 3.5, 3.8]
+    losses = [5.0, 4.0, 4.5, 4.8, 4.2, 3.9, 3.5, 3.5]  # a tie keeps the earlier best
     rec = Recorder(monkeypatch, losses, test_batch_size=3)
     corpus = tiny_corpus(n_train=600)
     run = config(epochs=8, nonmono=2, valid_tokens=300, test_batch_size=3)
@@ -108,6 +108,13 @@ def test_sgd_only_never_averages_and_search_trials_skip_the_test_split(monkeypat
     assert {name for name, _, _ in rec.steps} == {"SGD"}
     assert [call[0] for call in rec.evals] == ["val"] * 4 and result.test_loss is None and result.test_ppl is None
     assert result.best_epoch == 1
+
+
+def test_a_non_finite_validation_loss_stops_the_run(monkeypatch):
+    Recorder(monkeypatch, [4.0, math.nan], test_batch_size=3)
+    with pytest.raises(train.TrainingDiverged) as error:
+        train_model(config(epochs=3, test_batch_size=3), tiny_corpus(n_train=200), progress=False)
+    assert str(error.value) == "validation loss became nan at epoch 2: lower train.lr"
 
 
 def test_weight_decay_and_learning_rate_in_both_optimizers():

@@ -2,6 +2,7 @@
 
 import math
 import pickle
+import time
 from pathlib import Path
 
 import pytest
@@ -115,7 +116,8 @@ def test_perplexity_is_exp_of_the_loss_until_it_overflows():
 
 
 def test_checkpoint_is_state_dict_config_and_metrics(tmp_path):
-    result = train_model(config(epochs=2), tiny_corpus(), checkpoint_dir=tmp_path, progress=False)
+    result = train_model(config(epochs=2), tiny_corpus(), checkpoint_dir=tmp_path / "runs" / "awd", progress=False)
+    assert result.checkpoint == tmp_path / "runs" / "awd" / "best.pt"
     best = torch.load(result.checkpoint, weights_only=True)
     assert set(best) == {"model", "config", "metrics"}
     assert best["config"] == config(epochs=2).to_dict()
@@ -128,8 +130,24 @@ def test_checkpoint_is_state_dict_config_and_metrics(tmp_path):
 
 
 def test_divergence_stops_with_the_reason():
-    with pytest.raises(TrainingDiverged, match=r"train loss became (nan|inf) at epoch 1.*lower train.lr"):
+    # The loss is checked every CHECK_EVERY = 20 batches (a check syncs the GPU): the first check stops it.
+    with pytest.raises(TrainingDiverged) as error:
         train_model(config(lr=1e38, clip=0.0), tiny_corpus(), progress=False)
+    assert str(error.value) == ("train loss became nan at epoch 1, batch 20 (lr 1e+38): lower train.lr, "
+                                "or clip gradients harder with train.clip")
+
+
+def test_threads_setting_is_applied_and_zero_leaves_torch_alone():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        train_model(config(epochs=1, threads=1), tiny_corpus(n_train=200), progress=False)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        train_model(config(epochs=1, threads=0), tiny_corpus(n_train=200), progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_callback_sees_every_epoch_and_can_stop_the_run():
@@ -149,6 +167,15 @@ def test_callback_sees_every_epoch_and_can_stop_the_run():
     assert all(e.tokens_per_s > 0 and e.epoch_seconds > 0 and math.isfinite(e.val_ppl) for e in seen)
 
 
+def test_timings_are_durations_and_throughput_counts_training_tokens():
+    started = time.perf_counter()
+    result = train_model(config(epochs=2, train_tokens=2000, batch_size=4), tiny_corpus(), progress=False)
+    wall = time.perf_counter() - started
+    assert sum(e.epoch_seconds for e in result.epochs) <= result.seconds <= wall
+    for e in result.epochs:  # every target token of the (500, 4) batchified slice: 499 rows x 4
+        assert e.tokens_per_s * e.epoch_seconds == pytest.approx(499 * 4)
+
+
 @pytest.mark.ptb
 def test_short_real_ptb_run_lowers_validation_perplexity():
     corpus = load_corpus("ptb")
@@ -165,12 +192,13 @@ class _NotATensor:
     """Anything a weights-only load must refuse to unpickle."""
 
 
-def test_resume_loads_weights_only_and_refuses_pickled_objects(tmp_path):
+@pytest.mark.parametrize("name", ["last.pt", "best.pt"])
+def test_resume_loads_weights_only_and_refuses_pickled_objects(tmp_path, name):
     train_model(config(epochs=1), tiny_corpus(n_train=400), checkpoint_dir=tmp_path, progress=False)
-    last = torch.load(tmp_path / "last.pt", weights_only=True)
-    torch.save({**last, "extra": _NotATensor()}, tmp_path / "last.pt")
+    saved = torch.load(tmp_path / name, weights_only=True)
+    torch.save({**saved, "extra": _NotATensor()}, tmp_path / name)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        train_model(config(epochs=2), tiny_corpus(n_train=400), checkpoint_dir=tmp_path, progress=False)
+        train_model(config(epochs=1), tiny_corpus(n_train=400), checkpoint_dir=tmp_path, progress=False)
 
 
 def test_seed_everything_seeds_python_numpy_and_torch():
