@@ -39,6 +39,7 @@ def test_nt_asgd_trigger_follows_the_reference_code():
     opt = NTASGD(AWDLSTM(10, ModelConfig(4, 4, 1), DropoutConfig()), config(nonmono=2))
     opt.history = [5.0, 4.0, 3.0]
     assert not opt.should_trigger(3.5)  # better than min(history[:-2]) = 5.0
+    assert not opt.should_trigger(5.0)  # as good is not worse
     assert opt.should_trigger(5.5)
     opt.history = [5.0, 4.0]
     assert not opt.should_trigger(9.0)  # needs more than nonmono logged epochs
