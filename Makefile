@@ -13,11 +13,13 @@ export AWD_DATA_DIR
 # postgresql://USER@HOST/DB and http://HOST:PORT share them between machines (passwords: PGPASSWORD).
 TRACKING_URI ?= sqlite:///mlflow.db
 STORAGE ?= sqlite:///optuna.db
-# The UI answers this machine only, unless UI_HOST says otherwise.
+# The UIs answer this machine only, unless UI_HOST says otherwise: MLflow's runs (make ui) and Optuna's
+# studies (make dashboard, optuna-dashboard).
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
+DASHBOARD_PORT ?= 8080
 
-.PHONY: install test ablation worker report ui bench clean mutants
+.PHONY: install test ablation worker report ui dashboard bench clean mutants
 
 install: $(VENV)/.installed
 
@@ -40,6 +42,9 @@ report: install
 
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host $(UI_HOST) --port $(UI_PORT)
+
+dashboard: install
+	$(BIN)/optuna-dashboard $(STORAGE) --host $(UI_HOST) --port $(DASHBOARD_PORT)
 
 bench: install
 	$(BIN)/python -m harness bench

@@ -4,11 +4,12 @@ User mistakes surface as one line on stderr and a non-zero exit code, never a tr
 """
 
 import argparse
+import errno
 import logging
 import os
-import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from harness.errors import UserError
@@ -18,29 +19,78 @@ ABLATE_DEFAULTS = {"storage": "sqlite:///optuna.db", "tracking_uri": "sqlite:///
                    "reports_dir": "reports", "heartbeat": HEARTBEAT}
 
 
+MAX_HEARTBEAT = 3600  # seconds; a dead machine's trials would wait STALE_AFTER times this before a retry
+
+
 def _device(name: str) -> str:
     import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    kind, colon, index = name.partition(":")
+    if name != "cpu" and (kind != "cuda" or colon and not index.isdigit()):
+        raise UserError(f"--device {name}: use cpu, cuda, cuda:N or auto")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: {torch.cuda.device_count()} GPUs are visible here (cuda:0 to "
+                        f"cuda:{torch.cuda.device_count() - 1}); see CUDA_VISIBLE_DEVICES")
     return name
+
+
+def _output_dir(value, flag: str) -> Path:
+    """The folder an output option names, checked before anything runs: a folder, or one that can be made.
+
+    Tried for real (root ignores permission bits), but a folder without write bits counts as read-only, as in
+    harness.data: it was shared that way on purpose.
+    """
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {value}: {path} is a file, not a folder; pass a folder (it is made if missing)")
+    nearest = path
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise UserError(f"{flag} {value}: {nearest} is a file, so no folder can be made inside it; pass another folder")
+    try:
+        if not nearest.stat().st_mode & 0o222:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {value}: cannot write in {nearest} ({err.strerror}); pass a writable folder") from None
+    return path
+
+
+def _whole(low: int, high: int | None = None):
+    """An argparse type: a whole number in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value} must be {f'between {low} and {high}' if high is not None else f'at least {low}'}")
+        return value
+    return parse
 
 
 def cmd_train(args) -> int:
     """One run of one variant of a study, with a progress bar and a summary."""
     from harness.config import load_study, parse_overrides
     from harness.data import load_corpus
-    from harness.train import train_model
+    from harness.train import check_splits, clear_checkpoints, train_model
 
     study = load_study(args.study)
     config = study.run_config(args.variant, parse_overrides(args.set))
     device = _device(args.device)
-    corpus = load_corpus(config.corpus)
     out = Path(args.out) if args.out else Path("runs") / study.name / f"{config.variant}-seed{config.train.seed}"
-    if args.fresh and out.exists():
-        shutil.rmtree(out)
+    _output_dir(out, "--out")
+    corpus = load_corpus(config.corpus)
+    check_splits(config, corpus)  # before the resume message and --fresh: a refused run deletes nothing
+    if args.fresh:
+        for path in clear_checkpoints(out):  # only what a run writes there, never the folder or other files
+            print(f"  --fresh: deleted {path}")
     d, m, t = config.dropout, config.model, config.train
     print(f"{study.name} / {config.variant}: {m.n_layers}-layer LSTM emb {m.emb_size} hidden {m.hidden_size}, "
           f"vocab {corpus.vocab_size}, {device}")
@@ -68,6 +118,7 @@ def _coordinate(args, study) -> bool:
     from harness.ablation import run_ablation
     from harness.scheduler import discover_slots
 
+    _output_dir(args.runs_dir, "--runs-dir")
     slots = discover_slots(args.devices, args.trials_per_device)
 
     def stop(signum, frame):
@@ -94,6 +145,7 @@ def cmd_ablate(args) -> int:
     from harness.tracking import ui_command
 
     study = load_study(args.study)
+    _output_dir(args.reports_dir, "--reports-dir")
     if not _coordinate(args, study):
         return 130
     report = build_report(study, args.tracking_uri, args.storage, Path(args.reports_dir))
@@ -118,6 +170,23 @@ def cmd_worker(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Runs, epochs, device-hours and wall time of a study on the slots at hand, from a short calibration."""
+    from harness.config import load_study
+    from harness.plan import plan_study, read_epoch_times
+    from harness.scheduler import discover_slots
+
+    study = load_study(args.study)
+    slots = discover_slots(args.devices, args.trials_per_device)
+    times = read_epoch_times(args.seconds_per_epoch) if args.seconds_per_epoch else None
+    result = plan_study(study, slots, epoch_times=times, n_slots=args.slots, budget_seconds=args.calibration_seconds)
+    print(result.format())
+    if times is None and all(slot.device == "cpu" for slot in slots):
+        print("these are CPU figures: for GPUs, run this plan on one (--devices cuda), or pass --seconds-per-epoch "
+              "measured there (make gpu-check writes them)")
+    return 0
+
+
 def cmd_report(args) -> int:
     """Rebuild a study's HTML report from what MLflow and Optuna hold."""
     from harness.config import load_study
@@ -126,6 +195,7 @@ def cmd_report(args) -> int:
     from harness.stores import check_tracking
 
     study = load_study(args.study)
+    _output_dir(args.out, "--out")
     check_tracking(args.tracking_uri)
     check_storage(args.storage)
     report = build_report(study, args.tracking_uri, args.storage, Path(args.out))
@@ -138,7 +208,7 @@ def cmd_masks(args) -> int:
     """Draw the mask diagrams from the real dropout modules."""
     from harness.masks import write_mask_figures
 
-    for path in write_mask_figures(Path(args.out)):
+    for path in write_mask_figures(_output_dir(args.out, "--out")):
         print(path)
     return 0
 
@@ -167,9 +237,11 @@ def cmd_bench(args) -> int:
     device = _device(args.device)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     arms = tuple(a.strip() for a in args.arms.split(",")) if args.arms else ARMS
-    for name in [*sizes, *arms]:
-        if name not in ("paper", "cpu", *ARMS):
-            raise UserError(f"bench: unknown size or arm {name!r}; sizes: paper, cpu; arms: {', '.join(ARMS)}")
+    if not sizes or any(s not in ("paper", "cpu") for s in sizes):
+        raise UserError(f"bench --sizes {args.sizes!r}: use a comma list of paper, cpu")
+    for name in arms:
+        if name not in ARMS:
+            raise UserError(f"bench: unknown arm {name!r}; arms: {', '.join(ARMS)}")
     if "plain" not in arms:
         arms = ("plain", *arms)
     rows = run_bench(sizes, rounds=args.rounds, steps=args.steps, device=device, arms=arms)
@@ -196,13 +268,21 @@ def cmd_data_fetch(args) -> int:
     """Download a known corpus and verify its checksums."""
     from harness.data import fetch_corpus
 
-    folder = fetch_corpus(args.name, Path(args.data_dir) if args.data_dir else None, base_url=args.url)
+    data_dir = _output_dir(args.data_dir, "--data-dir") if args.data_dir else None
+    folder = fetch_corpus(args.name, data_dir, base_url=args.url)
     print(f"{args.name} is ready in {folder}")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line like every other error (its usage lines drown the message)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m harness", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one variant of a study")
@@ -229,14 +309,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tracking-uri", required=shared, default=None if shared else ABLATE_DEFAULTS["tracking_uri"],
                        help="MLflow tracking URI: sqlite:///FILE, or http://HOST:PORT of an MLflow server")
         p.add_argument("--devices", help="cpu, cuda or cuda:0,cuda:1 (default: every visible GPU, else the CPU)")
-        p.add_argument("--trials-per-device", type=int, help="trials at once per GPU, or the number of CPU workers")
+        p.add_argument("--trials-per-device", type=_whole(1),  # discover_slots has the upper bound
+                       help="trials at once per GPU, or the number of CPU workers")
         p.add_argument("--runs-dir", default=ABLATE_DEFAULTS["runs_dir"], help="checkpoint folder")
         if command == "ablate":
             p.add_argument("--reports-dir", default=ABLATE_DEFAULTS["reports_dir"], help="where the HTML report goes")
-        p.add_argument("--heartbeat", type=int, default=ABLATE_DEFAULTS["heartbeat"],
+        p.add_argument("--heartbeat", type=_whole(1, MAX_HEARTBEAT), default=ABLATE_DEFAULTS["heartbeat"],
                        help=f"seconds between heartbeats of running trials on PostgreSQL (default {HEARTBEAT}); a "
                             f"trial is retried after {STALE_AFTER} missed; use the same value on every machine")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("plan", help="cost before running: runs, epochs, device-hours and wall time of a study")
+    p.add_argument("study", help="study file, e.g. studies/ablation.toml")
+    p.add_argument("--devices", help="cpu, cuda or cuda:0,cuda:1 (default: every visible GPU, else the CPU)")
+    p.add_argument("--trials-per-device", type=int, help="trials at once per GPU, or the number of CPU workers")
+    p.add_argument("--seconds-per-epoch", action="append", default=[], metavar="VARIANT=SECONDS|FILE.json",
+                   help="an epoch time measured elsewhere, e.g. awd=63.5 (*=S for every variant), or a JSON file "
+                        '{"seconds_per_epoch": {"awd": 63.5}, "device": "..."} or gpu-check.json (repeatable)')
+    p.add_argument("--slots", type=int, help="price the study on this many slots like these, e.g. 32 for 4 machines "
+                                             "x 8 GPUs with --seconds-per-epoch measured on one of their GPUs")
+    p.add_argument("--calibration-seconds", type=float, default=60.0,
+                   help="stop calibrating after this long once some variant is measured (default 60)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("report", help="rebuild a study's HTML report from MLflow and Optuna")
     p.add_argument("study", help="study file")
@@ -252,12 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="training throughput vs a plain nn.LSTM stack")
     p.add_argument("--sizes", default="paper,cpu", help="comma list of paper, cpu")
     p.add_argument("--arms", default="", help="comma list of arms (default: plain and every hidden mode)")
-    p.add_argument("--rounds", type=int, default=8, help="rounds; the ratio is their median (more = steadier)")
-    p.add_argument("--steps", type=int, default=3, help="training steps per arm per round")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--rounds", type=_whole(1), default=8, help="rounds; the ratio is their median (more = steadier)")
+    p.add_argument("--steps", type=_whole(1), default=3, help="training steps per arm per round")
+    p.add_argument("--threads", type=_whole(0, 4096), default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="auto")
     p.add_argument("--scheduler", action="store_true", help="instead: n equal trials on 1 CPU slot vs 2")
-    p.add_argument("--tasks", type=int, default=6, help="trials for --scheduler")
+    p.add_argument("--tasks", type=_whole(1), default=6, help="trials for --scheduler")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("data", help="corpora")
@@ -272,10 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     """MLflow's and Optuna's own INFO lines (database migrations, "View run" links, "Trial finished") would drown
-    the live view, which says what happens."""
+    the live view, which says what happens; and each of its lines shows at once, also through a pipe or a log file."""
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in ("mlflow", "alembic", "optuna"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    sys.stdout.reconfigure(line_buffering=True)
 
 
 def main(argv=None) -> int:

@@ -161,7 +161,7 @@ class Worker:
         self.log_path = Path(cwd) / f"{name}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "harness", *map(str, args)], cwd=cwd, stdout=self.log,
-                                     stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                     stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                                      start_new_session=True)
         self.pid = self.proc.pid
 

@@ -111,7 +111,8 @@ def test_postgres_restart_mid_study_loses_nothing(tmp_path, postgres, mlflow_ser
     wait_for(lambda: all(running_trial(poll, study, m.pid) for m in machines), 120, "both machines to run a trial")
     poll.engine.dispose()
     postgres.stop()
-    time.sleep(3)  # long enough for every coordinator and the MLflow server to hit the outage
+    # Back only once both coordinators have hit the outage (an event, not a guess at how long that takes).
+    wait_for(lambda: all("does not answer" in m.output for m in machines), 120, "both machines to notice the outage")
     postgres.start()
     for machine in machines:
         assert machine.wait() == 0, machine.output
@@ -126,7 +127,12 @@ def test_coordinator_waits_out_a_storage_outage(tmp_path, postgres):
     ablation = open_ablation(study, postgres.create_database("outage"), f"sqlite:///{tmp_path / 'mlflow.db'}",
                              tmp_path / "runs", log=lines.append, heartbeat=1)
     postgres.stop()
-    restart = threading.Timer(3, postgres.start)
+
+    def restart_once_noticed():
+        wait_for(lambda: any("does not answer" in line for line in lines), 120, "the coordinator to notice")
+        postgres.start()
+
+    restart = threading.Thread(target=restart_once_noticed)
     restart.start()
     try:
         task = ablation.next_task(Slot(0, "cpu", 1))  # needs the storage: waits for it to come back
