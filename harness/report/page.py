@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 import jinja2
+import numpy as np
 
 from harness import stats
 from harness.masks import mask_figures, png_data_uri
@@ -54,6 +55,8 @@ def _headline(result: StudyResult) -> list:
             "trials_failed": (f"{t.failed + t.retried}" + (f" ({t.retried} retried)" if t.retried else "")
                               + (f", {t.interrupted} interrupted" if t.interrupted else "")) if t else "—",
             "device_hours": f"{r.device_hours:.3f}",
+            "best_epoch": (f"{np.median(r.best_epochs):g} of {r.epochs}" + ("" if r.converged else " ⚠"))
+                          if r.best_epochs else "—",
         })
     return rows
 
@@ -71,6 +74,9 @@ def _headline_notes(result: StudyResult) -> list:
         f"p: two-sided paired t-test over matching seeds, Welch's t-test otherwise. Every comparison in this report "
         f"(against {baselines}: {len(result.contrasts)} in all, {tested} tested) is one family for Holm's adjustment, "
         f"and a difference is called supported when its Holm-adjusted p is below {stats.ALPHA}.",
+        "Best epoch: the median over the confirmation seeds of the epoch with the lowest validation perplexity; ⚠ "
+        f"marks a variant with a seed whose best epoch fell in the last quarter of its epochs (it may not have "
+        f"converged).",
         "Trials run, pruned and failed count the search; failed includes attempts that were retried, and interrupted "
         "ones (Ctrl-C, a stopped machine), which use no attempt. Device-hours add up the logged seconds of every run.",
     ]

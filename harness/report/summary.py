@@ -20,6 +20,7 @@ from harness.report.logs import StudyLog
 
 REFERENCE = "awd"
 NO_DROPOUT = "no_dropout"
+CONVERGED_BY = 0.75  # a run whose best epoch lies in its last quarter may still have been improving
 SEARCHABLE = tuple(f"dropout.{site}" for site in SITES) + ("train.lr",)
 
 
@@ -35,6 +36,16 @@ class VariantResult:
     test_ppl: dict  # confirmation seed -> test perplexity
     trials: Tally | None  # of the search study; None when it is missing
     device_hours: float
+    best_epochs: tuple = ()  # the confirmation runs' best epochs (1-based), in seed order
+    epochs: int | None = None  # epochs each confirmation run trained
+
+    @property
+    def converged(self) -> bool | None:
+        """Whether every confirmation run reached its best validation perplexity before its last quarter of epochs:
+        a best epoch at the end would mean more epochs might still change its numbers. None without runs."""
+        if not self.best_epochs or not self.epochs:
+            return None
+        return max(self.best_epochs) <= CONVERGED_BY * self.epochs
 
     @property
     def mean(self) -> float | None:
@@ -100,9 +111,11 @@ def _variant_result(log: StudyLog, variant: str) -> VariantResult:
     # A run whose test perplexity overflowed (inf) diverged: it is listed with the failures, not averaged.
     confirm = finished[(finished.phase == CONFIRM) & np.isfinite(finished.test_ppl)].sort_values("end_time")
     test_ppl = {int(s): float(p) for s, p in zip(confirm.seed, confirm.test_ppl)}  # a seed's latest run wins
+    latest = confirm.drop_duplicates("seed", keep="last").sort_values("seed")
     return VariantResult(
         variant, log.study.variants[variant].description, searched, best_val, best_params, test_ppl,
         log.tallies.get(variant, {}).get(SEARCH), float(runs.seconds.sum()) / 3600,
+        tuple(int(e) for e in latest.best_epoch.dropna()), int(latest.epochs.max()) if latest.epochs.notna().any() else None,
     )
 
 
@@ -224,6 +237,9 @@ def conclusions(result: StudyResult) -> list:
         out += supported
     else:
         out.append("No difference is supported after Holm's correction.")
+    late = [f"{r.name} (best epoch {max(r.best_epochs)} of {r.epochs})" for r in confirmed if r.converged is False]
+    if late:
+        out.append("Still improving near the end, so more epochs might change these numbers: " + ", ".join(late) + ".")
     return out + open_questions
 
 
@@ -241,6 +257,9 @@ def results_frame(result: StudyResult) -> pd.DataFrame:
             "seeds": ";".join(map(str, sorted(r.test_ppl))), "test_ppl_mean": r.mean, "test_ppl_sd": r.sd,
             "test_ppl_ci_low": ci.low if ci else None, "test_ppl_ci_high": ci.high if ci else None,
             "test_ppl_ci_method": ci.method if ci else None,
+            "best_epoch_median": float(np.median(r.best_epochs)) if r.best_epochs else None,
+            "best_epoch_max": max(r.best_epochs) if r.best_epochs else None, "epochs": r.epochs,
+            "converged": r.converged,
             **_comparison_columns(c, "_to_reference"),
             **{f"best.{p}": r.best_params.get(p) for p in searched},
             "trials_run": r.trials_run,
