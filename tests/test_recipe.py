@@ -100,6 +100,27 @@ def test_nt_asgd_switches_validates_averaged_weights_and_tests_the_best(monkeypa
     assert torch.equal(test_source, batchify(corpus.test, 3)) and test_bptt == 10
 
 
+def test_a_resumed_run_tests_the_best_weights_saved_before_the_interruption(monkeypatch, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(epoch):
+        if epoch.epoch == 2:
+            raise Stop
+
+    first = Recorder(monkeypatch, [3.0, 4.0], test_batch_size=3)
+    with pytest.raises(Stop):
+        train_model(config(epochs=3, test_batch_size=3), tiny_corpus(n_train=200), checkpoint_dir=tmp_path,
+                    on_epoch=stop_after_two, progress=False)
+    best_seen = first.evals[0][1]  # what validation saw at epoch 1, the best
+    second = Recorder(monkeypatch, [5.0], test_batch_size=3)
+    result = train_model(config(epochs=3, test_batch_size=3), tiny_corpus(n_train=200), checkpoint_dir=tmp_path,
+                         progress=False)
+    assert result.best_epoch == 1 and [e.val_loss for e in result.epochs] == [3.0, 4.0, 5.0]
+    assert [call[0] for call in second.evals] == ["val", "test"]
+    assert_params_equal(second.evals[-1][1], best_seen, rtol=0, atol=0)
+
+
 def test_sgd_only_never_averages_and_search_trials_skip_the_test_split(monkeypatch):
     rec = Recorder(monkeypatch, [5.0, 6.0, 7.0, 8.0], test_batch_size=3)
     result = train_model(config(epochs=4, nonmono=1, optimizer="sgd", test_batch_size=3), tiny_corpus(n_train=400),
