@@ -22,9 +22,11 @@ from pathlib import Path
 
 from harness.config import StudyConfig
 from harness.data import find_split_files, load_corpus
+from harness.errors import UserError
 from harness.ledger import (
     CONFIRM, PHASES, SEARCH, Claim, Ledger, TrialLost, open_storage, optuna_name, trials_for,
 )
+from harness.plan import PlanResult, plan_study
 from harness.scheduler import Outcome, Scheduler, Slot, Task, describe_slots, device_name
 from harness.stores import HEARTBEAT, LocalLock, check_tracking, redact
 from harness.tracking import Tracker, package_versions
@@ -55,6 +57,7 @@ class _Live:
     run_id: str
     started: float = field(default_factory=time.monotonic)
     lost: bool = False  # another machine failed it as stale; its retry counts, not this run
+    epochs: int = 0  # epochs it has reported: prices its work against the estimate
 
 
 class Ablation:
@@ -70,6 +73,8 @@ class Ablation:
         self.live: dict[str, _Live] = {}
         self.device_names: dict[str, str] = {}
         self.durations: list[float] = []
+        self.estimate: PlanResult | None = None  # harness.plan's, when run_ablation made one
+        self.work: list[tuple[float, float]] = []  # (seconds taken, seconds estimated) of each run that ended
         self.stopping = False
         self.n_slots = 1
         self.started = self.last_summary = self.last_sweep = time.monotonic()
@@ -124,6 +129,7 @@ class Ablation:
         live = self.live[task.key]
         if live.lost:
             return False
+        live.epochs = int(epoch["epoch"])
         self.tracker.log_epoch(live.run_id, epoch)
         try:
             return self.ledger.report_epoch(live.claim, int(epoch["epoch"]), epoch["val_ppl"])
@@ -151,6 +157,8 @@ class Ablation:
             if told:
                 self.tracker.finish(live.run_id, outcome.status, result=result)
                 self.durations.append(seconds)
+                if self.estimate is not None:
+                    self.work.append((seconds, self.estimate.run_seconds(claim.variant, claim.phase, live.epochs)))
         if live.lost:
             what = "discarded: another machine failed this trial as stale while it ran here; its retry counts"
             self.tracker.finish(live.run_id, "failed", reason=what, result={"seconds": seconds})
@@ -256,12 +264,27 @@ class Ablation:
             lines.append(f"  {left} trials to start; about {eta / 60:.0f} min left at this machine's pace")
         else:
             lines.append(f"  {left} trials to start")
+        if self.estimate is not None:
+            lines.append(self._progress())
         return "\n".join(lines)
+
+    def _progress(self) -> str:
+        """The estimate against reality: time taken, and the end projected from the runs that ended."""
+        left = {}
+        for v in self.variants:
+            left[(v, SEARCH)] = self.ledger.tally(v, SEARCH).waiting
+            left[(v, CONFIRM)] = max(0, self.ledger.confirmation_due(v) - self.ledger.tally(v, CONFIRM).running)
+        running = [(live.claim.variant, live.claim.phase, live.epochs) for live in self.live.values()]
+        return self.estimate.progress(time.monotonic() - self.started, self.work, left, running)
 
 
 def run_ablation(study: StudyConfig, *, storage: str, tracking_uri: str, slots: list[Slot], runs_dir: Path,
-                 heartbeat: int = HEARTBEAT, log=print) -> Ablation:
-    """Run (or resume) the study on this machine's slots until nothing is left on any machine."""
+                 heartbeat: int = HEARTBEAT, log=print, plan: bool = True) -> Ablation:
+    """Run (or resume) the study on this machine's slots until nothing is left on any machine.
+
+    With `plan`, a short calibration on the slots first prices the study (harness.plan); the estimate is
+    printed with the study's first line and the live view compares it with the time taken.
+    """
     corpus = load_corpus(study.corpus, log=log)  # a corpus problem is reported before any server is contacted
     check_tracking(tracking_uri)
     identity = study.identity(corpus.md5, find_split_files(corpus.path))
@@ -278,10 +301,17 @@ def run_ablation(study: StudyConfig, *, storage: str, tracking_uri: str, slots: 
             if closed:
                 log(f"resuming: {closed} more MLflow runs marked interrupted")
         ablation.open_parents()
+        estimate = ""
+        if plan and not ledger.complete():
+            try:
+                ablation.estimate = plan_study(study, slots, corpus=corpus, log=lambda *a: None)
+                estimate = "\n" + ablation.estimate.format()
+            except (UserError, RuntimeError) as err:  # a study runs without its estimate
+                estimate = f"\nno estimate of its cost: {err}"
         log(f"{study.name}: {len(ablation.variants)} variants, {study.budget.trials} trials each "
             f"(max {ledger.max_epochs} epochs), {len(study.budget.confirm_seeds)} confirmation seeds; "
             f"{describe_slots(slots)}" + (f"; shared with other machines through {redact(storage)}"
-                                          if ledger.shared else ""))
+                                          if ledger.shared else "") + estimate)
         scheduler = Scheduler(slots)
         ablation.n_slots = len(slots)
         with ledger.heartbeat:
