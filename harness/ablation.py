@@ -300,14 +300,14 @@ def run_ablation(study: StudyConfig, *, storage: str, tracking_uri: str, slots: 
             closed = tracker.close_stale_runs()  # and MLflow runs it started before their trial was recorded
             if closed:
                 log(f"resuming: {closed} more MLflow runs marked interrupted")
-        ablation.open_parents()
-        estimate = ""
+        estimate = ""  # before the parent runs are marked running: Ctrl-C here leaves them as they were
         if plan and not ledger.complete():
             try:
                 ablation.estimate = plan_study(study, slots, corpus=corpus, log=lambda *a: None)
                 estimate = "\n" + ablation.estimate.format()
             except (UserError, RuntimeError) as err:  # a study runs without its estimate
                 estimate = f"\nno estimate of its cost: {err}"
+        ablation.open_parents()
         log(f"{study.name}: {len(ablation.variants)} variants, {study.budget.trials} trials each "
             f"(max {ledger.max_epochs} epochs), {len(study.budget.confirm_seeds)} confirmation seeds; "
             f"{describe_slots(slots)}" + (f"; shared with other machines through {redact(storage)}"
