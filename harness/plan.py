@@ -268,9 +268,14 @@ def _probe(study: StudyConfig, variant: str, corpus, device: str, folder: Path, 
     }
 
 
+def _exit(signum, frame):
+    raise SystemExit(0)
+
+
 def _calibration_worker(study: StudyConfig, variants: list, slot: Slot, folder: str, conn) -> None:
     """A calibration process on one slot: starts like a trial process, then probes its variants in turn."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and ends its processes
+    signal.signal(signal.SIGTERM, _exit)  # how the parent ends it: exit cleanly, releasing tqdm's lock
     try:
         import torch
 
