@@ -27,9 +27,10 @@ from harness.ledger import (
     CONFIRM, PHASES, SEARCH, Claim, Ledger, TrialLost, open_storage, optuna_name, trials_for,
 )
 from harness.plan import PlanResult, plan_study
-from harness.scheduler import Outcome, Scheduler, Slot, Task, describe_slots, device_name
+from harness.scheduler import ENVIRONMENT, Outcome, Scheduler, Slot, Task, describe_slots, device_name
 from harness.stores import HEARTBEAT, LocalLock, check_tracking, redact
 from harness.tracking import Tracker, package_versions
+from harness.train import check_splits
 
 SUMMARY_EVERY = 120.0  # seconds between live-view tables
 POLL_SECONDS = 5  # how often an idle coordinator looks for retries and confirmation seeds left by other machines
@@ -79,10 +80,13 @@ class Ablation:
         self.n_slots = 1
         self.started = self.last_summary = self.last_sweep = time.monotonic()
         self.waiting_for: int | None = None
+        self.halted: str | None = None  # why no trial can succeed here (a failure outside the trial): start none
 
     # --- what runs next -------------------------------------------------------------------------------
     def next_task(self, slot: Slot) -> Task | None:
-        """Search trials first (the variant with the most waiting), then confirmation seeds."""
+        """Search trials first (the variant with the most waiting), then confirmation seeds; none once halted."""
+        if self.halted:
+            return None
         waiting = {v: self.ledger.waiting(v, SEARCH) for v in self.variants}
         for variant in sorted((v for v in self.variants if waiting[v]), key=waiting.get, reverse=True):
             claim = self.ledger.claim(variant, SEARCH)
@@ -117,8 +121,9 @@ class Ablation:
         self.ledger.annotate(claim, {"device": slot.device, "coordinator": self.coordinator, "mlflow_run_id": run_id})
         self.live[claim.key] = _Live(claim, run_id)
         checkpoints = self.runs_dir / self.study.name / claim.variant / claim.phase / f"trial-{claim.number}"
+        # A claimed trial is always new (a retry gets a new number): what its folder holds is another run's.
         return Task(claim.key, config.to_dict(), str(checkpoints), prunable=claim.phase == SEARCH,
-                    evaluate_test=claim.phase == CONFIRM)
+                    evaluate_test=claim.phase == CONFIRM, resume=False)
 
     # --- what happened --------------------------------------------------------------------------------
     def on_start(self, task: Task, slot: Slot) -> None:
@@ -163,13 +168,18 @@ class Ablation:
             what = "discarded: another machine failed this trial as stale while it ran here; its retry counts"
             self.tracker.finish(live.run_id, "failed", reason=what, result={"seconds": seconds})
         elif outcome.status not in ("finished", "pruned"):
-            interrupted = self.stopping
+            outside = outcome.cause == ENVIRONMENT
+            if outside and not self.halted:
+                self.halted = outcome.reason.strip().splitlines()[-1] if outcome.reason.strip() else "no reason"
+            # Not the trial's fault either way: retried without using an attempt, like an interruption.
+            interrupted = self.stopping or outside
             retried = self.ledger.fail(claim, outcome.reason, interrupted=interrupted)
             self.tracker.finish(live.run_id, "interrupted" if interrupted else "failed", reason=outcome.reason,
                                 result={"seconds": seconds})
             last_line = outcome.reason.strip().splitlines()[-1] if outcome.reason.strip() else "no reason"
-            what = f"{'interrupted' if interrupted else 'FAILED'}: {last_line}" + (
-                " (will be retried)" if retried else " (retries used up)" if retried is False else "")
+            what = f"{'FAILED outside the trial' if outside else 'interrupted' if interrupted else 'FAILED'}: " \
+                   f"{last_line}" + (" (will be retried)" if retried else " (retries used up)" if retried is False
+                                     else "") + ("; starting no more trials here" if outside else "")
         self.log(f"{self._clock()} {outcome.status:<8} {task.key} on {slot.device} after {seconds:.0f} s: {what}")
         if not self.stopping:
             self.settle(claim.variant)
@@ -286,6 +296,8 @@ def run_ablation(study: StudyConfig, *, storage: str, tracking_uri: str, slots: 
     printed with the study's first line and the live view compares it with the time taken.
     """
     corpus = load_corpus(study.corpus, log=log)  # a corpus problem is reported before any server is contacted
+    for variant in study.variants:  # a batch size or bptt the corpus cannot serve would fail every trial
+        check_splits(study.run_config(variant), corpus)
     check_tracking(tracking_uri)
     identity = study.identity(corpus.md5, find_split_files(corpus.path))
     with LocalLock(storage, tracking_uri):
@@ -317,8 +329,8 @@ def run_ablation(study: StudyConfig, *, storage: str, tracking_uri: str, slots: 
         with ledger.heartbeat:
             try:
                 while True:
-                    scheduler.run(ablation)
-                    if ledger.complete():
+                    scheduler.run(ablation)  # once halted: until the trials running here have ended
+                    if ablation.halted or ledger.complete():
                         break
                     ablation.wait_for_others()
             except KeyboardInterrupt:
@@ -326,6 +338,11 @@ def run_ablation(study: StudyConfig, *, storage: str, tracking_uri: str, slots: 
                 scheduler.stop(ablation, "interrupted (Ctrl-C)")
                 ablation.interrupt()
                 raise
+        if ablation.halted:
+            ablation.interrupt()
+            raise UserError(f"stopped: a trial failed for a reason outside it, which every trial here would meet: "
+                            f"{ablation.halted}; fix that and run the same command again to resume (the trials it "
+                            "stopped are retried without using an attempt)")
         for variant in ablation.variants:
             ablation.settle(variant)
         log(ablation.summary())

@@ -9,6 +9,7 @@ path and the bad value.
 import dataclasses
 import difflib
 import hashlib
+import math
 import re
 import tomllib
 import typing
@@ -25,20 +26,55 @@ METRICS = ("val_ppl",)
 SAMPLERS = ("tpe", "qmc")
 PRUNERS = ("median", "hyperband", "none")
 OPTIMIZERS = ("nt-asgd", "sgd")
-STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Every name that becomes a path, an MLflow filter string or HTML (study, variant) matches this.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+STUDY_NAME = SAFE_NAME
+SEED_MAX = 2**32 - 1  # numpy seeds are unsigned 32-bit; torch's take them too
+INT_MAX = 2**31 - 1  # sizes, counts and threads reach torch as C ints
+
+
+def check_name(name, what: str, source) -> str:
+    """`name` if it is safe as a file name, inside an MLflow filter string and in HTML; else a UserError.
+
+    `what` says where the name came from, e.g. "study.name =" or "the variant name".
+    """
+    if not isinstance(name, str) or not SAFE_NAME.match(name):
+        raise UserError(
+            f"{source}: {what} {name!r} is unsafe for file names, MLflow filters and HTML; "
+            "use letters, digits, '_', '.', '-' (at most 64, starting with a letter or digit)"
+        )
+    return name
+
+
+def _check_numbers(obj):
+    """Every float of a config record is finite, every int fits a C int and every seed numpy's range."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} = {value!r} is not a finite number; write a number like 0.5")
+        if isinstance(value, tuple) or "seed" in f.name:
+            seeds = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(s, int) and not 0 <= s <= SEED_MAX for s in seeds):
+                raise ValueError(f"{f.name} = {_show(value)} is outside [0, {SEED_MAX}] (numpy's and torch's seeds)")
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_MAX:
+            raise ValueError(f"{f.name} = {value!r} is too large (at most {INT_MAX})")
+
+
+def _show(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _check_positive(obj, *names):
     for name in names:
         value = getattr(obj, name)
-        if value <= 0:
+        if not value > 0:  # also refuses NaN
             raise ValueError(f"{name} = {value!r} must be > 0")
 
 
 def _check_non_negative(obj, *names):
     for name in names:
         value = getattr(obj, name)
-        if value < 0:
+        if not value >= 0:
             raise ValueError(f"{name} = {value!r} must be >= 0")
 
 
@@ -57,6 +93,7 @@ class ModelConfig:
     tie_weights: bool = True
 
     def __post_init__(self):
+        _check_numbers(self)
         _check_positive(self, "emb_size", "hidden_size", "n_layers")
 
 
@@ -72,6 +109,7 @@ class DropoutConfig:
     hidden_mode: str = "locked"
 
     def __post_init__(self):
+        _check_numbers(self)
         for site in SITES:
             rate = getattr(self, site)
             if not 0.0 <= rate < 1.0:
@@ -102,6 +140,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
 
     def __post_init__(self):
+        _check_numbers(self)
         _check_positive(self, "epochs", "batch_size", "eval_batch_size", "test_batch_size", "bptt", "lr", "nonmono")
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_non_negative(self, "clip", "weight_decay", "alpha", "beta", "train_tokens", "valid_tokens", "threads")
@@ -215,6 +254,7 @@ class BudgetConfig:
     max_retries: int = 2
 
     def __post_init__(self):
+        _check_numbers(self)
         _check_positive(self, "trials")
         _check_choice("pruner", self.pruner, PRUNERS)
         _check_non_negative(self, "epochs", "warmup_epochs", "pruner_startup_trials", "max_retries")
@@ -357,6 +397,14 @@ def build_record(cls, table, where: str, source: Path, defaults=None):
         raise UserError(f"{source}: {where}.{err}") from None
 
 
+def _table(parent, key, where, source) -> dict:
+    """parent[key] as a table ({} when absent); a scalar or list there is a UserError naming the key."""
+    table = parent.get(key, {})
+    if not isinstance(table, dict):
+        raise UserError(f"{source}: {where} = {table!r} should be a table: write [{where}] with its keys below it")
+    return table
+
+
 def _only_keys(table, allowed, where, source):
     for key in table:
         if key not in allowed:
@@ -368,11 +416,15 @@ def _only_keys(table, allowed, where, source):
 def _parse_variants(table, source) -> dict:
     if not table:
         raise UserError(f"{source}: no [variants.NAME] table; add at least one, e.g. [variants.awd]")
-    variants = {}
+    variants, folded = {}, {}
     for name, spec in table.items():
         where = f"variants.{name}"
-        if not isinstance(spec, dict):
-            raise UserError(f"{source}: [{where}] should be a table")
+        check_name(name, "the variant name", source)
+        if name.lower() in folded:  # one checkpoint folder on a case-insensitive file system
+            raise UserError(f"{source}: [{where}] and [variants.{folded[name.lower()]}] differ only in case; "
+                            "rename one of them")
+        folded[name.lower()] = name
+        spec = _table(table, name, where, source)
         _only_keys(spec, ("sites", "hidden_mode", "description"), where, source)
         base = BUILTIN_VARIANTS.get(name)
         if base is None and ("sites" not in spec or "hidden_mode" not in spec):
@@ -387,7 +439,9 @@ def _parse_variants(table, source) -> dict:
         if mode not in HIDDEN_MODES:
             raise UserError(f"{source}: {where}.hidden_mode = {mode!r} is not one of {', '.join(HIDDEN_MODES)}")
         description = spec.get("description", base.description if base else "")
-        variants[name] = Variant(name, frozenset(sites), mode, str(description))
+        if not isinstance(description, str):
+            raise UserError(f"{source}: {where}.description = {description!r} should be a string")
+        variants[name] = Variant(name, frozenset(sites), mode, description)
     return variants
 
 
@@ -395,6 +449,8 @@ def _parse_range(value, key, source, *, log=False) -> Range:
     if (not isinstance(value, list) or len(value) != 2
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
         raise UserError(f"{source}: {key} = {value!r} should be [low, high]")
+    if not all(math.isfinite(v) for v in value):
+        raise UserError(f"{source}: {key} = {value!r}: both ends must be finite numbers")
     low, high = float(value[0]), float(value[1])
     if low >= high:
         raise UserError(f"{source}: {key} = {value!r} is inverted or empty; write [low, high] with low < high")
@@ -419,6 +475,8 @@ def _parse_search(table, source) -> SearchConfig:
     seed = table.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise UserError(f"{source}: search.seed = {seed!r} should be an integer")
+    if not 0 <= seed <= SEED_MAX:
+        raise UserError(f"{source}: search.seed = {seed!r} is outside [0, {SEED_MAX}]")
     return SearchConfig(rates, lr, sampler, seed)
 
 
@@ -431,44 +489,44 @@ def load_study(path) -> StudyConfig:
         raise UserError(f"{path}: no such study file; the shipped ones are in studies/") from None
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:  # a folder, no permission, an I/O error
+        raise UserError(f"{path}: cannot read the study file ({err.strerror}); pass a .toml file") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{path}: malformed TOML: {err}") from None
     _only_keys(data, ("study", "fixed", "variants", "search", "budget"), "(top level)", path)
-    head = data.get("study", {})
+    head = _table(data, "study", "study", path)
     _only_keys(head, ("name", "corpus", "metric", "notes"), "study", path)
-    name = head.get("name", path.stem)
-    if not isinstance(name, str) or not STUDY_NAME.match(name):
-        raise UserError(
-            f"{path}: study.name = {name!r} is unsafe for file names and HTML; "
-            "use letters, digits, '_', '.', '-' (at most 64, starting with a letter or digit)"
-        )
+    name = check_name(head.get("name", path.stem), "study.name =", path)
     corpus = head.get("corpus", "ptb")
     if not isinstance(corpus, str) or not corpus:
         raise UserError(f"{path}: study.corpus = {corpus!r} should be a corpus name like 'ptb' or a folder path")
     metric = head.get("metric", "val_ppl")
     if metric not in METRICS:
         raise UserError(f"{path}: study.metric = {metric!r} is not one of {', '.join(METRICS)}")
-    fixed = data.get("fixed", {})
+    notes = head.get("notes", "")
+    if not isinstance(notes, str):
+        raise UserError(f"{path}: study.notes = {notes!r} should be a string")
+    fixed = _table(data, "fixed", "fixed", path)
     _only_keys(fixed, ("model", "dropout", "train"), "fixed", path)
     run = RunConfig(
         corpus=corpus,
         variant="",
-        model=build_record(ModelConfig, fixed.get("model", {}), "fixed.model", path),
-        dropout=build_record(DropoutConfig, fixed.get("dropout", {}), "fixed.dropout", path),
-        train=build_record(TrainConfig, fixed.get("train", {}), "fixed.train", path),
+        model=build_record(ModelConfig, _table(fixed, "model", "fixed.model", path), "fixed.model", path),
+        dropout=build_record(DropoutConfig, _table(fixed, "dropout", "fixed.dropout", path), "fixed.dropout", path),
+        train=build_record(TrainConfig, _table(fixed, "train", "fixed.train", path), "fixed.train", path),
     )
     return StudyConfig(
         path=path,
         name=name,
         corpus=corpus,
         metric=metric,
-        notes=str(head.get("notes", "")),
+        notes=notes,
         fixed=run,
-        variants=_parse_variants(data.get("variants", {}), path),
-        search=_parse_search(data.get("search", {}), path),
-        budget=build_record(BudgetConfig, data.get("budget", {}), "budget", path),
+        variants=_parse_variants(_table(data, "variants", "variants", path), path),
+        search=_parse_search(_table(data, "search", "search", path), path),
+        budget=build_record(BudgetConfig, _table(data, "budget", "budget", path), "budget", path),
         text=text,
     )
 
@@ -491,7 +549,9 @@ def parse_overrides(pairs) -> dict:
         except tomllib.TOMLDecodeError:
             value = raw.strip()  # bare words, e.g. dropout.hidden_mode=naive
         try:
-            out[key.strip()] = _coerce(hints[name], value, key.strip())
+            value = _coerce(hints[name], value, key.strip())
+            cls(**{name: value})  # the field's own checks (range, finite), against valid defaults for the rest
         except ValueError as err:
-            raise UserError(f"--set: {err}") from None
+            raise UserError(f"--set {pair.strip()}: {err}") from None
+        out[key.strip()] = value
     return out

@@ -116,7 +116,7 @@ def load_corpus(
         else:
             raise UserError(_missing_message(folder))
     files = find_split_files(folder)
-    contents = {split: path.read_bytes() for split, path in files.items()}
+    contents = {split: _read_split(path) for split, path in files.items()}
     md5 = {split: hashlib.md5(content).hexdigest() for split, content in contents.items()}
 
     payload = _read_cache(folder, md5, log)
@@ -145,6 +145,14 @@ def load_corpus(
         md5=md5,
         unk_counts=dict(unk_counts),
     )
+
+
+def _read_split(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:  # no permission, an I/O error on a failing disk or network mount
+        raise UserError(f"{path}: cannot read the corpus file ({err.strerror}); fix its permissions or copy it "
+                        "to a readable folder") from None
 
 
 def fetch_corpus(
@@ -468,6 +476,9 @@ def _download(url: str, dest: Path, folder: Path, log: Callable[[str], object]) 
         response = urllib.request.urlopen(url, timeout=_TIMEOUT_S)
     except (OSError, http.client.HTTPException) as err:  # URLError and HTTPError are OSErrors
         raise _offline_error(url, folder, getattr(err, "reason", err)) from None
+    except ValueError as err:  # not a URL at all (no scheme, an unknown one)
+        raise UserError(f"cannot download {url!r} ({err}); --url (or ${DATA_URL_ENV}) must be an http(s):// or file:// "
+                        "folder URL") from None
     with response, dest.open("wb") as out:
         total = int(response.headers.get("Content-Length") or 0)
         step = total // 10 if total else 8 * _CHUNK

@@ -30,7 +30,8 @@ from optuna.trial import FrozenTrial, TrialState
 from harness.config import SITES, StudyConfig, StudyIdentity
 from harness.errors import UserError
 from harness.stores import (
-    HEARTBEAT, STALE_AFTER, advisory_lock, engine_kwargs, error_reason, is_postgres, redact, scrub, sqlite_path,
+    HEARTBEAT, STALE_AFTER, advisory_lock, check_password, check_sqlite, engine_kwargs, error_reason, is_postgres,
+    redact, scrub,
 )
 
 SEARCH, CONFIRM = "search", "confirm"
@@ -51,7 +52,7 @@ def open_storage(url: str, heartbeat: int = HEARTBEAT) -> RDBStorage:
     Raises UserError for a storage that would not persist (in-memory SQLite), a file that is not an Optuna
     database, an unknown scheme, or a server that does not answer within seconds.
     """
-    path = sqlite_path(url, "--storage")
+    path = check_sqlite(url, "--storage")  # before Optuna adds its tables to a file that is not its own
     if path is not None:
         try:
             return RDBStorage(url)
@@ -63,6 +64,7 @@ def open_storage(url: str, heartbeat: int = HEARTBEAT) -> RDBStorage:
                         "postgresql://USER@HOST:PORT/DB (shared by several machines)")
     if heartbeat < 1:
         raise UserError(f"--heartbeat {heartbeat}: must be at least 1 second")
+    check_password(url, "--storage")
     try:
         probe = sqlalchemy.create_engine(url, **engine_kwargs())
         # Machines starting at once on an empty database would all create Optuna's tables: one does it.

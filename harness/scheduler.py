@@ -42,15 +42,24 @@ class Task:
     checkpoint_dir: str
     prunable: bool = True  # a search trial: the coordinator may stop it after any epoch
     evaluate_test: bool = True  # only confirmation runs see the test split
+    resume: bool = True  # False: the task is new, so checkpoints already in its folder are another run's
+
+
+MAX_PER_DEVICE = 256  # trials at once per device (each is a process): more is a typo, not a plan
+
+# Why a task failed: the trial itself (it diverged, crashed, ran out of memory: a retry may succeed), or
+# something outside it that every trial here would meet (the corpus, the checkpoint folder, a full disk).
+TRIAL, ENVIRONMENT = "trial", "environment"
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a task ended: finished (with the result summary), pruned, or failed (with the reason)."""
+    """How a task ended: finished (with the result summary), pruned, or failed (with the reason and its cause)."""
 
     status: str
     result: dict | None = None
     reason: str = ""
+    cause: str = TRIAL  # of a failure: TRIAL or ENVIRONMENT
 
 
 class TaskSource(Protocol):
@@ -97,6 +106,8 @@ def discover_slots(devices: str | None = None, per_device: int | None = None) ->
     cores = joblib.cpu_count()
     if per_device is not None and per_device < 1:
         raise UserError(f"--trials-per-device {per_device}: must be at least 1")
+    if per_device is not None and per_device > MAX_PER_DEVICE:
+        raise UserError(f"--trials-per-device {per_device}: must be at most {MAX_PER_DEVICE} (each trial is a process)")
     if devices in (None, "", "auto"):
         names = [f"cuda:{i}" for i in range(_cuda_count())] or ["cpu"]
     elif devices == "cuda":
@@ -105,6 +116,12 @@ def discover_slots(devices: str | None = None, per_device: int | None = None) ->
             raise UserError("--devices cuda: no CUDA GPU is visible here; use --devices cpu")
     else:
         names = [d.strip() for d in devices.split(",") if d.strip()]
+        if not names:
+            raise UserError(f"--devices {devices!r}: names no device; use cpu, cuda or cuda:0,cuda:1")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise UserError(f"--devices {devices}: {', '.join(twice)} named twice; use --trials-per-device to run "
+                            "several trials at once on one device")
     for name in names:
         if name != "cpu" and not (name.startswith("cuda:") and name[5:].isdigit()):
             raise UserError(f"--devices: {name!r} is not cpu, cuda or cuda:N")
@@ -143,7 +160,8 @@ def _worker(task: Task, slot: Slot, conn) -> None:
         config = RunConfig.from_dict(task.config)
         corpus = load_corpus(config.corpus, fetch_missing=False, log=lambda *a: None)
         result = train_model(config, corpus, device=slot.device, checkpoint_dir=Path(task.checkpoint_dir),
-                             on_epoch=on_epoch, progress=False, evaluate_test=task.evaluate_test)
+                             on_epoch=on_epoch, progress=False, evaluate_test=task.evaluate_test,
+                             resume=task.resume)
         summary = {
             "best_val_ppl": result.best_val_ppl, "best_epoch": result.best_epoch, "test_ppl": result.test_ppl,
             "test_loss": result.test_loss, "averaged_from_epoch": result.averaged_from_epoch,
@@ -156,8 +174,11 @@ def _worker(task: Task, slot: Slot, conn) -> None:
         from harness.errors import UserError as _UserError
         from harness.train import TrainingDiverged
 
+        # A UserError here (the corpus, a checkpoint that cannot be written or is another run's) is not the
+        # trial's doing: every other trial on this machine would meet it too.
+        cause = ENVIRONMENT if isinstance(err, _UserError) else TRIAL
         known = isinstance(err, (TrainingDiverged, _UserError))
-        conn.send(("failed", str(err) if known else traceback.format_exc(limit=6)))
+        conn.send(("failed", {"reason": str(err) if known else traceback.format_exc(limit=6), "cause": cause}))
     finally:
         conn.close()
 
@@ -255,7 +276,7 @@ class Scheduler:
         elif kind == "pruned":
             run.outcome = Outcome("pruned")
         else:
-            run.outcome = Outcome("failed", reason=payload)
+            run.outcome = Outcome("failed", reason=payload["reason"], cause=payload["cause"])
         return True
 
 

@@ -11,8 +11,9 @@ password masked. harness.ledger opens the Optuna storage itself.
 import contextlib
 import hashlib
 import re
+import sqlite3
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote
 
 import filelock
 import requests
@@ -31,15 +32,16 @@ def _password_span(url: str) -> tuple[int, int] | None:
     """Start and end of the password in scheme://user:password@host..., or None.
 
     Not URL parsing: a password may hold any character ('#', '/', '?', '@', ...), and parsers stop at the first
-    of those. The user ends at the first ':' after '://', the password at the last '@' of the whole string:
-    this masks too much rather than too little when '@' also appears after the host.
+    of those. The user ends at the first ':' after '://' (after the start of the text when there is no scheme,
+    e.g. a mistyped URL), the password at the last '@' of the whole string: this masks too much rather than too
+    little when '@' also appears after the host.
     """
     scheme = _SCHEME.match(url)
-    if not scheme:
-        return None
     at = url.rfind("@")
-    colon = url.find(":", scheme.end(), at if at >= 0 else None)
-    if at < 0 or colon < 0:
+    if at < 0:
+        return None
+    colon = url.find(":", scheme.end() if scheme else 0, at)
+    if colon < 0:
         return None
     return colon + 1, at
 
@@ -50,19 +52,33 @@ def redact(url: str) -> str:
     span = _password_span(url)
     if span is not None:
         url = url[: span[0]] + "***" + url[span[1]:]
-    # libpq also takes ?password=... (and &sslpassword=...)
-    return re.sub(rf"([?&](?:{'|'.join(SECRET_QUERY_KEYS)})=)[^&#]*", r"\1***", url)
+    # libpq also takes ?password=... (and &sslpassword=...), up to the next '&' whatever it holds ('#' too)
+    return _SECRET_QUERY.sub(r"\1***", url)
+
+
+_SECRET_QUERY = re.compile(rf"([?&](?:{'|'.join(SECRET_QUERY_KEYS)})=)[^&]*", re.IGNORECASE)
 
 
 def scrub(text: str, url: str) -> str:
     """Text (e.g. a driver's error) with the URL redacted and its password masked wherever else it appears."""
     text = str(text).replace(url, redact(url))
     span = _password_span(url)
-    if span is not None and span[1] > span[0]:
-        secret = url[span[0]: span[1]]
+    secrets = [url[span[0]: span[1]]] if span is not None else []
+    secrets += [m.group(0).split("=", 1)[1] for m in _SECRET_QUERY.finditer(url)]
+    for secret in secrets:
         for form in {secret, unquote(secret)}:
-            text = text.replace(form, "***")
+            if form:
+                text = text.replace(form, "***")
     return text
+
+
+def check_password(url: str, flag: str) -> None:
+    """UserError when the URL's password holds a raw '@': SQLAlchemy would end the password there and take the
+    rest for the host, which its errors then show (the message gives the URL masked, never the password)."""
+    span = _password_span(url)
+    if span is not None and "@" in url[span[0]: span[1]]:
+        raise UserError(f"{flag} {redact(url)}: the password holds '@', which ends a password in a URL; write it "
+                        "as %40 (percent-encode it), or leave it out of the URL and set PGPASSWORD")
 
 
 def sqlite_path(url: str, flag: str) -> Path | None:
@@ -72,16 +88,72 @@ def sqlite_path(url: str, flag: str) -> Path | None:
     """
     if not url.startswith("sqlite:"):
         return None
-    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
-    if not path or path.startswith(":memory:") or path.startswith("file::memory:") or "mode=memory" in path:
-        raise UserError(f"{flag} {url}: an in-memory database vanishes when the command ends, and every result with "
-                        f"it; use a file, e.g. {flag} sqlite:///{'optuna' if 'storage' in flag else 'mlflow'}.db")
+    example = f"{flag} sqlite:///{'optuna' if 'storage' in flag else 'mlflow'}.db"
+    if url != "sqlite://" and not url.startswith("sqlite:///"):
+        raise UserError(f"{flag} {redact(url)}: write sqlite:///FILE (three slashes; four for an absolute path), "
+                        f"e.g. {example}")
+    path = unquote(url[len("sqlite:///"):])
+    # In memory: no file (sqlite://), SQLite's :memory: name, or a URI filename asking for memory (mode=memory)
+    # or its in-memory file system (vfs=memdb).
+    if (not path or path.startswith((":memory:", "file::memory:")) or "mode=memory" in path
+            or "vfs=memdb" in path):
+        raise UserError(f"{flag} {redact(url)}: an in-memory database vanishes when the command ends, and every "
+                        f"result with it; use a file, e.g. {example}")
     return Path(path.split("?", 1)[0])
+
+
+# Tables only Optuna's storage has, and tables only MLflow's tracking store has: a file holding the other's is
+# refused before either library opens it (each would add its own tables to the other's file and then fail).
+_OWN_TABLES = {"--storage": ("Optuna", {"studies", "trials"}), "--tracking-uri": ("MLflow", {"experiments", "runs"})}
+
+
+def check_sqlite(url: str, flag: str) -> Path | None:
+    """The database file of a sqlite:/// URL, checked: a file (or one that can be made) holding nothing but the
+    store `flag` names (--storage: Optuna's, --tracking-uri: MLflow's); None for other schemes."""
+    path = sqlite_path(url, flag)
+    if path is None:
+        return None
+    where = f"{flag} {redact(url)}"
+    if path.is_dir():
+        raise UserError(f"{where}: {path} is a folder; name a database file in it, e.g. {path / 'study.db'}")
+    parent = path.parent if path.parent != Path("") else Path(".")
+    if parent.exists() and not parent.is_dir() or any(p.is_file() for p in parent.parents):
+        raise UserError(f"{where}: {parent} is not a folder; name a file in a folder")
+    if not path.exists():
+        return path
+    try:
+        with open(path, "rb") as head:
+            header = head.read(16)
+    except OSError as err:
+        raise UserError(f"{where}: cannot read {path} ({err.strerror})") from None
+    fix = f"pass the {flag} the study ran with, or a new file name"
+    if header and header != b"SQLite format 3\x00":
+        raise UserError(f"{where}: {path} is not an SQLite database; {fix}")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as err:
+        raise UserError(f"{where}: {path} is not a readable SQLite database ({err}); {fix}") from None
+    own_name, own = _OWN_TABLES[flag]
+    other_name, other = next(v for k, v in _OWN_TABLES.items() if k != flag)
+    if tables & other:
+        raise UserError(f"{where}: {path} holds {other_name}'s tables ({', '.join(sorted(tables & other))}), "
+                        f"not {own_name}'s: did you swap --storage and --tracking-uri? {fix}")
+    if tables and not tables & own:
+        raise UserError(f"{where}: {path} holds another program's tables ({', '.join(sorted(tables)[:3])}, ...), "
+                        f"not {own_name}'s; {fix}")
+    return path
+
+
+def _scheme(url: str) -> str:
+    # Not urlsplit: it raises on some malformed URLs (an unclosed '[' in the host), which must get a one-line error.
+    match = _SCHEME.match(url)
+    return match.group(0)[:-3].lower() if match else ""
 
 
 def is_postgres(url: str) -> bool:
     """Whether the URL names a PostgreSQL database (postgresql:// or postgresql+driver://)."""
-    scheme = urlsplit(url).scheme if _SCHEME.match(url) else ""
+    scheme = _scheme(url)
     return scheme == "postgresql" or scheme.startswith("postgresql+")
 
 
@@ -112,7 +184,7 @@ def advisory_lock(engine, key: str):
 
 def check_tracking(uri: str) -> None:
     """Fail within seconds, naming the URI, when the MLflow tracking store cannot be used."""
-    scheme = urlsplit(uri).scheme if _SCHEME.match(uri) else ""
+    scheme = _scheme(uri)
     fix = "start it (see README: Several machines) or fix --tracking-uri"
     if scheme in ("http", "https"):
         try:
@@ -127,6 +199,7 @@ def check_tracking(uri: str) -> None:
             raise UserError(f"{redact(uri)}/health answered HTTP {answer.status_code}: is --tracking-uri the "
                             "address of an MLflow tracking server (mlflow server ...)?")
     elif is_postgres(uri):
+        check_password(uri, "--tracking-uri")
         try:
             engine = sqlalchemy.create_engine(uri, **engine_kwargs())
             with engine.connect():
@@ -136,11 +209,8 @@ def check_tracking(uri: str) -> None:
                 ValueError) as err:
             raise UserError(f"cannot reach the MLflow database {redact(uri)} ({scrub(error_reason(err), uri)}); "
                             f"{fix}") from None
-    elif scheme == "sqlite":
-        path = sqlite_path(uri, "--tracking-uri")
-        if path.exists() and path.read_bytes()[:16] != b"SQLite format 3\x00":
-            raise UserError(f"--tracking-uri {uri}: {path} is not an SQLite database; pass the --tracking-uri the "
-                            "study ran with, or a new file name")
+    elif uri.startswith("sqlite:"):
+        check_sqlite(uri, "--tracking-uri")
     else:
         raise UserError(f"--tracking-uri {redact(uri)}: use sqlite:///FILE (one machine) or http://HOST:PORT of an "
                         "MLflow tracking server (shared by several machines)")
@@ -152,8 +222,12 @@ class LocalLock:
 
     def __init__(self, *urls: str):
         flags = ("--storage", "--tracking-uri")
-        paths = [sqlite_path(url, flag) for url, flag in zip(urls, flags)]
-        self.locks = [filelock.FileLock(f"{path}.lock") for path in paths if path is not None]
+        # Resolved, so two spellings of one file (a relative path, a symlink) take the same lock.
+        paths = [path.resolve() for url, flag in zip(urls, flags) if (path := check_sqlite(url, flag)) is not None]
+        if len(set(paths)) < len(paths):
+            raise UserError(f"--storage and --tracking-uri name the same file {paths[0]}; Optuna and MLflow each need "
+                            "their own, e.g. sqlite:///optuna.db and sqlite:///mlflow.db")
+        self.locks = [filelock.FileLock(f"{path}.lock") for path in paths]
 
     def __enter__(self):
         for lock in self.locks:
@@ -166,6 +240,10 @@ class LocalLock:
                     "this one its own --storage and --tracking-uri, or share a PostgreSQL storage and an MLflow "
                     "server (python -m harness worker)"
                 ) from None
+            except OSError as err:  # the lock file cannot be made (filelock.Timeout, an OSError too, is caught above)
+                self.__exit__()
+                raise UserError(f"cannot create the lock file {lock.lock_file} ({err.strerror}); keep the SQLite "
+                                "files in a writable folder") from None
         return self
 
     def __exit__(self, *exc):

@@ -7,7 +7,10 @@ and logging plug in through the per-epoch callback, which may raise to stop the 
 
 import contextlib
 import dataclasses
+import errno
 import math
+import os
+import pickle
 import random
 import time
 from dataclasses import dataclass
@@ -20,11 +23,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from harness.config import RunConfig
-from harness.data import Corpus, batchify, bptt_positions, get_batch
+from harness.data import Corpus, batchify, bptt_positions, find_split_files, get_batch
 from harness.errors import UserError
 from harness.model import AWDLSTM, detach_state
 
 CHECK_EVERY = 20  # batches between finite-loss checks (a check syncs the GPU)
+CHECKPOINTS = ("last.pt", "best.pt")  # what a run writes into its checkpoint folder (and each one's .tmp)
+# Settings a resumed run may change: the test split is evaluated once, after training, so its batch size
+# changes no weight, no validation loss and no epoch. (eval_batch_size is not one: validation losses pick
+# the best epoch and trigger NT-ASGD.)
+EVALUATION_ONLY = ("train.test_batch_size",)
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,44 @@ class TrainResult:
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message says where and what to try."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint could not be written (disk full, no permission, read-only) or read (damaged, foreign, from
+    another config or corpus): the message names the file and what to do. Never the trial's own fault."""
+
+
+class UnsafeCheckpoint(CheckpointError, pickle.UnpicklingError):
+    """A checkpoint holding pickled objects, which the weights-only load refuses (an UnpicklingError too)."""
+
+
+def check_splits(config: RunConfig, corpus: Corpus) -> None:
+    """UserError unless every split the run uses fits its batch size and the training split its bptt.
+
+    Called before anything trains (by `train_model`, and by `ablate` once per variant before the study starts),
+    so a setting that would fail at the test evaluation after hours of training is refused at once.
+    """
+    recipe = config.train
+    for split, key, limit in (("train", "train_tokens", recipe.train_tokens),
+                              ("valid", "valid_tokens", recipe.valid_tokens)):
+        size = len(getattr(corpus, split))
+        if limit > size:
+            raise UserError(f"train.{key} = {limit} exceeds the {split} split of {corpus.name} ({size:,} tokens); "
+                            f"use at most {size:,} (0 = the whole split)")
+    uses = (("train", recipe.train_tokens, "batch_size"), ("valid", recipe.valid_tokens, "eval_batch_size"),
+            ("test", 0, "test_batch_size"))
+    for split, limit, key in uses:
+        tokens = limit or len(getattr(corpus, split))
+        batch_size = getattr(recipe, key)
+        if tokens // batch_size < 2:
+            raise UserError(f"train.{key} = {batch_size} is too large for the {split} split of {corpus.name} "
+                            f"({tokens:,} tokens): each of its columns needs at least 2 tokens; use at most "
+                            f"{max(1, tokens // 2):,}")
+    rows = (recipe.train_tokens or len(corpus.train)) // recipe.batch_size
+    if recipe.bptt > rows - 1:
+        raise UserError(f"train.bptt = {recipe.bptt} is longer than the {rows - 1:,} steps each of the "
+                        f"{recipe.batch_size} training columns holds; use at most {rows - 1:,}, or a smaller "
+                        "train.batch_size")
 
 
 def perplexity(loss: float) -> float:
@@ -156,20 +202,81 @@ def _check_finite(loss: float, epoch: int, batch: int, lr: float):
         )
 
 
-def _resume(path: Path, config: RunConfig, model: AWDLSTM, optimizer: NTASGD):
-    """Load last.pt if it belongs to this config; returns (epochs done, epoch results, best)."""
-    saved = torch.load(path, weights_only=True, map_location="cpu")
-    if saved["config"] != config.to_dict():
-        before, after = RunConfig.from_dict(saved["config"]).flat(), config.flat()
-        diff = ", ".join(f"{k} {before[k]!r} -> {after[k]!r}" for k in after if before.get(k) != after[k])
-        raise UserError(
-            f"{path} was made by another config ({diff}); "
-            "pass --fresh to start over, or --out for a new folder"
-        )
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    epochs = [EpochResult(**e) for e in saved["epochs"]]
+_START_OVER = "pass --fresh to start over, or --out for a new folder"
+
+
+def _load(path: Path, device="cpu") -> dict:
+    """A checkpoint's dict, loaded weights-only; CheckpointError naming the file when it is missing or damaged."""
+    try:
+        saved = torch.load(path, weights_only=True, map_location=device)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpoint(f"{path}: refused: {_first_line(err)}; {_START_OVER}") from None
+    # Parsing a file's bytes fails with many exception types (OSError for a missing file, RuntimeError for a
+    # truncated zip, EOFError for an empty one, KeyError for text...): each means this file is no checkpoint.
+    except Exception as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else _first_line(err)
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason}); {_START_OVER}") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        raise CheckpointError(f"{path}: not a checkpoint of this harness; {_START_OVER}")
+    return saved
+
+
+def _first_line(err: Exception) -> str:
+    """The error's first sentence (torch's go on for lines of advice that would not fit in one)."""
+    text = str(err).strip()
+    return text.splitlines()[0].split(". ")[0][:200] if text else type(err).__name__
+
+
+def _flat(config: dict) -> dict:
+    """`section.key -> value` of a saved config dict, whatever version of the harness wrote it."""
+    out = {k: v for k, v in config.items() if not isinstance(v, dict)}
+    for section, values in config.items():
+        if isinstance(values, dict):
+            out.update({f"{section}.{k}": v for k, v in values.items()})
+    return out
+
+
+def _resume(path: Path, config: RunConfig, corpus: Corpus, model: AWDLSTM, optimizer: NTASGD):
+    """Load last.pt if it belongs to this config and corpus; returns (epochs done, epoch results, best)."""
+    saved = _load(path)
+    missing = [k for k in ("config", "epoch", "optimizer", "epochs", "best") if k not in saved]
+    if missing or not isinstance(saved["config"], dict):
+        raise CheckpointError(f"{path}: not a last.pt of this harness (no {', '.join(missing) or 'config'}); "
+                              f"{_START_OVER}")
+    before, after = _flat(saved["config"]), config.flat()
+    keys = [*after, *(k for k in before if k not in after)]  # the config's own order, then retired keys
+    changed = [k for k in keys if before.get(k) != after.get(k) and k not in EVALUATION_ONLY]
+    if changed:
+        diff = ", ".join(f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
+        raise CheckpointError(f"{path} was made by another config ({diff}); {_START_OVER}")
+    recorded = saved.get("corpus_md5") or {}
+    moved = [split for split, md5 in sorted(corpus.md5.items()) if split in recorded and recorded[split] != md5]
+    if moved:
+        try:
+            files = find_split_files(corpus.path)
+        except UserError:
+            files = {}
+        names = ", ".join(str(files.get(split, f"the {split} split")) for split in moved)
+        raise CheckpointError(f"{path}: the corpus changed since this run started ({names}); resuming would train "
+                              f"on two datasets: restore it, or {_START_OVER}")
+    try:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        epochs = [EpochResult(**e) for e in saved["epochs"]]
+    except (RuntimeError, ValueError, TypeError, KeyError) as err:  # other sizes, another vocabulary, old layout
+        raise CheckpointError(f"{path}: does not fit this model ({_first_line(err)}); {_START_OVER}") from None
     return saved["epoch"], epochs, saved["best"]
+
+
+def clear_checkpoints(folder: Path) -> list[Path]:
+    """Delete the files a run writes into its checkpoint folder (and nothing else); returns those deleted."""
+    deleted = []
+    for name in CHECKPOINTS:
+        for path in (folder / name, _tmp(folder / name)):
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+                deleted.append(path)
+    return deleted
 
 
 def train_model(
@@ -181,13 +288,17 @@ def train_model(
     on_epoch: Callable[[EpochResult], None] | None = None,
     progress: bool = True,
     evaluate_test: bool = True,
+    resume: bool = True,
 ) -> TrainResult:
     """Train one run to the end; resumes from `checkpoint_dir/last.pt` when it exists.
 
     The test split is evaluated once, with the best weights, and only when `evaluate_test` (a search trial
-    must not see it: rates are chosen on validation perplexity alone).
+    must not see it: rates are chosen on validation perplexity alone). With `resume=False` a checkpoint
+    already in the folder is another run's: CheckpointError rather than overwriting or continuing it.
+    Raises UserError before the first step for settings the corpus cannot serve (see check_splits).
     """
     recipe = config.train
+    check_splits(config, corpus)
     started = time.perf_counter()
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
@@ -204,11 +315,18 @@ def train_model(
     last_path = best_path = None
     if checkpoint_dir is not None:
         checkpoint_dir = Path(checkpoint_dir)
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CheckpointError(f"cannot create the checkpoint folder {checkpoint_dir} ({err.strerror}); "
+                                  "choose a writable one") from None
         last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
+        if not resume and (last_path.exists() or best_path.exists()):
+            raise CheckpointError(f"{checkpoint_dir} already holds checkpoints of another run (of another "
+                                  "Optuna storage?); give this study its own --runs-dir, or delete that folder")
         if last_path.exists():
-            start_epoch, epochs, best_meta = _resume(last_path, config, model, optimizer)
-            best = {**best_meta, "model": torch.load(best_path, weights_only=True, map_location=device)["model"]}
+            start_epoch, epochs, best_meta = _resume(last_path, config, corpus, model, optimizer)
+            best = {**best_meta, "model": _load(best_path, device)["model"]}
 
     for epoch in range(start_epoch + 1, recipe.epochs + 1):
         # Seeding per epoch makes a resumed run continue exactly as an uninterrupted one would.
@@ -237,7 +355,8 @@ def train_model(
             optimizer.history.append(val_loss)
         if last_path is not None:
             _save(last_path, {
-                "config": config.to_dict(), "epoch": epoch, "model": _own_storage(model.state_dict()),
+                "config": config.to_dict(), "corpus_md5": dict(corpus.md5), "epoch": epoch,
+                "model": _own_storage(model.state_dict()),
                 "optimizer": optimizer.state_dict(), "epochs": [dataclasses.asdict(e) for e in epochs],
                 "best": {"epoch": best["epoch"], "val_loss": best["val_loss"]},
             })
@@ -301,8 +420,29 @@ def _own_storage(state: dict) -> dict:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
 def _save(path: Path, payload: dict) -> None:
-    """Write atomically, so an interrupted save never leaves a broken checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    """Write atomically, so an interrupted or failed save never leaves a broken or partial checkpoint.
+
+    CheckpointError naming the file when it cannot be written (disk full, no permission, read-only); the
+    previous checkpoint is then kept and no .tmp file is left behind.
+    """
+    tmp = _tmp(path)
+    try:
+        # Through a Python file, so a failed write raises OSError with its errno (torch's own writer would
+        # raise a RuntimeError that names no cause); fsync so a crash after the rename keeps whole data.
+        with open(tmp, "wb") as out:
+            torch.save(payload, out)
+            out.flush()
+            os.fsync(out.fileno())
+        tmp.replace(path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        code = errno.errorcode.get(err.errno, "")
+        raise CheckpointError(f"cannot write the checkpoint {path} ({err.strerror or err}{', ' + code if code else ''}); "
+                              "free some space or choose a writable --out / --runs-dir (the last complete "
+                              "checkpoint is kept)") from None

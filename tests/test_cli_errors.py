@@ -23,7 +23,7 @@ STUDY_MISTAKES = {
                           "variants.x.sites = ['embeding']: each site must be one of"),
     "inverted-range": ("[variants.awd]\n[search]\ninput = [0.6, 0.1]",
                        "search.input = [0.6, 0.1] is inverted or empty; write [low, high] with low < high"),
-    "unsafe-name": ("[study]\nname = '<b>x</b>'\n[variants.awd]", "is unsafe for file names and HTML; use letters"),
+    "unsafe-name": ("[study]\nname = '<b>x</b>'\n[variants.awd]", "is unsafe for file names, MLflow filters and HTML; use letters"),
 }
 
 
