@@ -69,7 +69,8 @@ def test_nt_asgd_switches_validates_averaged_weights_and_tests_the_best(monkeypa
 
     assert [e.averaging for e in result.epochs] == [False] * 5 + [True] * 3
     assert result.averaged_from_epoch == 6 and result.best_epoch == 7
-    assert result.best_val_ppl == pytest.approx(math.exp(3.5))
+    assert result.best_val_ppl == pytest.approx(math.exp(3.5)) and result.config == run
+    assert result.test_loss == 1.0 and result.test_ppl == pytest.approx(math.e)  # what the test evaluation gave
     assert [e.val_loss for e in result.epochs] == losses
     assert all(e.lr == run.train.lr for e in result.epochs)  # the per-batch lr scaling is undone
     val_calls = [call for call in rec.evals if call[0] == "val"]
