@@ -139,6 +139,12 @@ def test_divergence_stops_with_the_reason():
                                 "or clip gradients harder with train.clip")
 
 
+def test_divergence_in_an_epoch_shorter_than_the_check_interval_is_caught_at_its_end():
+    with pytest.raises(TrainingDiverged) as error:  # 9 batches: the end-of-epoch check catches it
+        train_model(config(lr=1e38, clip=0.0, variable_bptt=False), tiny_corpus(n_train=400), progress=False)
+    assert str(error.value).startswith("train loss became nan at epoch 1, batch 9 (lr 1e+38): lower train.lr")
+
+
 def test_threads_setting_is_applied_and_zero_leaves_torch_alone():
     before = torch.get_num_threads()
     try:
