@@ -232,7 +232,9 @@ def test_parameters_are_named_shaped_and_initialised_like_nn_lstm():
     layer = WeightDropLSTM(6, 10)
     shapes = {name: tuple(p.shape) for name, p in layer.named_parameters()}
     assert shapes == {"weight_ih": (40, 6), "weight_hh_raw": (40, 10), "bias_ih": (40,), "bias_hh": (40,)}
-    assert all(p.abs().max() <= 1 / math.sqrt(10) for p in layer.parameters())
+    bound = 1 / math.sqrt(10)  # uniform in +-1/sqrt(hidden_size), as nn.LSTM
+    assert all(p.abs().max() <= bound and p.min() < -0.8 * bound and p.max() > 0.8 * bound
+               for p in layer.parameters())
 
 
 @pytest.mark.parametrize("weight_p, recurrent_p, train", [(0.0, 0.0, True), (P, 0.3, False)])
