@@ -288,6 +288,31 @@ class Ablation:
         return self.estimate.progress(time.monotonic() - self.started, self.work, left, running)
 
 
+def claim_runs_dir(folder: Path, uid: str) -> None:
+    """Record in a study's checkpoint folder which storage's study it holds (Ledger.uid); UserError when another's.
+
+    Trial numbers restart at 0 in every storage: two storages on one folder would write each other's
+    trial-N checkpoints (at the same time, or one after the other).
+    """
+    marker = folder / "STUDY_UID"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(marker, "x", encoding="utf-8") as out:  # of coordinators starting at once, one writes it
+            out.write(f"{uid}\n")
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise UserError(f"cannot write {marker} ({err.strerror}); pass a writable --runs-dir") from None
+    recorded = marker.read_text(encoding="utf-8").strip()
+    if not recorded:  # another coordinator's, between its creating and writing the file
+        time.sleep(1)
+        recorded = marker.read_text(encoding="utf-8").strip()
+    if recorded != uid:
+        raise UserError(f"{folder} holds the checkpoints of this study run on another Optuna storage (its "
+                        f"{marker.name} is {recorded}, this storage's study is {uid}); pass another --runs-dir, "
+                        f"or delete {folder} if those checkpoints are no longer needed")
+
+
 def run_ablation(study: StudyConfig, *, storage: str, tracking_uri: str, slots: list[Slot], runs_dir: Path,
                  heartbeat: int = HEARTBEAT, log=print, plan: bool = True) -> Ablation:
     """Run (or resume) the study on this machine's slots until nothing is left on any machine.
@@ -302,6 +327,7 @@ def run_ablation(study: StudyConfig, *, storage: str, tracking_uri: str, slots: 
     identity = study.identity(corpus.md5, find_split_files(corpus.path))
     with LocalLock(storage, tracking_uri):
         ledger = Ledger(study, open_storage(storage, heartbeat), identity, log=log)
+        claim_runs_dir(runs_dir / study.name, ledger.uid)
         tracker = Tracker(tracking_uri, study, identity, {
             "study": study.name, "git_commit": git_commit(), "corpus": corpus.name, "versions": package_versions(),
             **identity.as_attrs(),

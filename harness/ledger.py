@@ -17,6 +17,7 @@ import hashlib
 import shlex
 import threading
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 
@@ -368,6 +369,7 @@ class Ledger:
             self.studies = {(v, p): self._open(v, p) for v in self.variants for p in PHASES}
             if self.shared:
                 self._check_heartbeat()
+            self.uid = self._uid()
 
     def lock(self):
         """Serializes this study's check-then-write steps across machines (SQLite: its file lock covers it)."""
@@ -415,6 +417,16 @@ class Ledger:
             for _ in range(trials_for(self.study, variant) - tally.settled - tally.running - tally.waiting):
                 ostudy.enqueue_trial({}, user_attrs={"attempt": 1})
         return ostudy
+
+    def _uid(self) -> str:
+        """This study's id in this storage, made once. Its checkpoint folder records it: trial numbers restart at
+        0 in every storage, so one folder used with two storages would mix their trials' checkpoints."""
+        ostudy = self.studies[(self.variants[0], SEARCH)]
+        uid = ostudy.user_attrs.get("study_uid")
+        if uid is None:
+            uid = uuid.uuid4().hex
+            ostudy.set_user_attr("study_uid", uid)
+        return uid
 
     def _check_heartbeat(self) -> None:
         # A machine beating more often than the others would judge their healthy trials stale.

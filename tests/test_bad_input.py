@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import run_harness, with_corpus
-from harness.ablation import run_ablation
+from harness.ablation import claim_runs_dir, run_ablation
 from harness.cli import main
 from harness.config import (
     BudgetConfig, DropoutConfig, ModelConfig, SITES, TrainConfig, load_study, parse_overrides,
@@ -498,6 +498,23 @@ def test_a_second_coordinator_on_either_local_store_is_refused(tmp_path, test_co
         message = refused(capsys, "ablate", study, *[a for pair in second.items() for a in pair], "--devices", "cpu")
     assert "another ablation is already using" in message
     assert not (tmp_path / "other-optuna.db").exists() and not (tmp_path / "other-mlflow.db").exists()
+
+
+# The checkpoint folder is a store too: trial numbers restart at 0 in every Optuna storage, so a runs folder
+# used with two storages (at once, or one after the other) would mix their trial-N checkpoints.
+def test_a_runs_folder_of_another_storage_is_refused_before_any_trial(tmp_path, test_corpus, capsys):
+    path = study_file(tmp_path, test_corpus)
+    study = load_study(path)
+    runs = tmp_path / "runs"
+    # The study ran on storage a.db with this runs folder: run_ablation claimed the folder when it started.
+    first = Ledger(study, open_storage(f"sqlite:///{tmp_path / 'a.db'}"), study.identity(), log=lambda *a: None)
+    claim_runs_dir(runs / study.name, first.uid)
+    message = refused(capsys, "ablate", path, "--storage", f"sqlite:///{tmp_path / 'b.db'}", "--tracking-uri",
+                      f"sqlite:///{tmp_path / 'mlflow.db'}", "--devices", "cpu", "--runs-dir", runs)
+    assert f"{runs / study.name} holds the checkpoints of this study run on another Optuna storage" in message
+    assert "pass another --runs-dir" in message
+    assert (runs / study.name / "STUDY_UID").read_text().strip() == first.uid
+    assert sorted(p.name for p in (runs / study.name).iterdir()) == ["STUDY_UID"]  # no trial started
 
 
 # Class (item 5): a password in a store URL never shows, whatever characters it holds, raw or percent-encoded,
