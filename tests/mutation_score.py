@@ -1,6 +1,6 @@
 """Print the mutation score per file from `mutmut results --all true` (run by `make mutants` after mutmut run).
 
-Score = (killed + timeout) / all mutants: a mutant that makes the tests hang is caught, too. Survivors judged
+Score = (killed + timeout + segfault) / all mutants: a mutant that makes the tests hang or crash is caught, too. Survivors judged
 equivalent are listed, with the reason, in tests/EQUIVALENT_MUTANTS.md.
 Run: .venv/bin/python tests/mutation_score.py   (from the repository root, after `mutmut run`)
 """
@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-CAUGHT = ("killed", "timeout")
+CAUGHT = ("killed", "timeout", "segfault")
 
 
 def main() -> int:

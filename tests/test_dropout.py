@@ -73,6 +73,17 @@ def test_hidden_dropout_is_identity_at_zero_and_in_eval(cls):
     assert cls(P).eval()(x) is x
 
 
+def test_rate_zero_draws_no_random_numbers_in_training():
+    """Switching a site off leaves the random stream, and so every other site's masks, as they were."""
+    x, tokens = torch.randn(5, 3, 4), torch.randint(0, 20, (7, 3))
+    modules = [(LockedDropout(0.0), x), (NaiveDropout(0.0), x), (TimestepDropout(0.0), x),
+               (EmbeddingDropout(nn.Embedding(20, 6), 0.0), tokens), (WeightDropLSTM(4, 6), x)]
+    for module, inputs in modules:
+        state = torch.get_rng_state()
+        module.train()(inputs)
+        assert torch.equal(torch.get_rng_state(), state), type(module).__name__
+
+
 def test_embedding_dropout_is_identity_at_zero_and_in_eval():
     embedding = nn.Embedding(20, 6)
     tokens = torch.randint(0, 20, (7, 3))
