@@ -70,7 +70,8 @@ def _whole(low: int, high: int | None = None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < low or high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"{value} must be {f'between {low} and {high}' if high is not None else f'at least {low}'}")
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{value} must be {bounds}")
         return value
     return parse
 

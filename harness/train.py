@@ -442,7 +442,7 @@ def _save(path: Path, payload: dict) -> None:
     except OSError as err:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        code = errno.errorcode.get(err.errno, "")
-        raise CheckpointError(f"cannot write the checkpoint {path} ({err.strerror or err}{', ' + code if code else ''}); "
-                              "free some space or choose a writable --out / --runs-dir (the last complete "
-                              "checkpoint is kept)") from None
+        code = errno.errorcode.get(err.errno)
+        cause = f"{err.strerror or err}, {code}" if code else f"{err.strerror or err}"
+        raise CheckpointError(f"cannot write the checkpoint {path} ({cause}); free some space or choose a writable "
+                              "--out / --runs-dir (the last complete checkpoint is kept)") from None
