@@ -327,11 +327,11 @@ def run_ablation(study: StudyConfig, *, storage: str, tracking_uri: str, slots: 
     identity = study.identity(corpus.md5, find_split_files(corpus.path))
     with LocalLock(storage, tracking_uri):
         ledger = Ledger(study, open_storage(storage, heartbeat), identity, log=log)
-        claim_runs_dir(runs_dir / study.name, ledger.uid)
         tracker = Tracker(tracking_uri, study, identity, {
             "study": study.name, "git_commit": git_commit(), "corpus": corpus.name, "versions": package_versions(),
             **identity.as_attrs(),
         })
+        claim_runs_dir(runs_dir / study.name, ledger.uid)  # once both stores took this study as theirs
         ablation = Ablation(study, ledger, tracker, runs_dir, log)
         if not ledger.shared:
             ablation.sweep()  # the previous coordinator's trials, interrupted when it stopped

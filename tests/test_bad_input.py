@@ -509,6 +509,7 @@ def test_a_runs_folder_of_another_storage_is_refused_before_any_trial(tmp_path, 
     # The study ran on storage a.db with this runs folder: run_ablation claimed the folder when it started.
     first = Ledger(study, open_storage(f"sqlite:///{tmp_path / 'a.db'}"), study.identity(), log=lambda *a: None)
     claim_runs_dir(runs / study.name, first.uid)
+    capsys.readouterr()  # what the first run's libraries logged
     message = refused(capsys, "ablate", path, "--storage", f"sqlite:///{tmp_path / 'b.db'}", "--tracking-uri",
                       f"sqlite:///{tmp_path / 'mlflow.db'}", "--devices", "cpu", "--runs-dir", runs)
     assert f"{runs / study.name} holds the checkpoints of this study run on another Optuna storage" in message
@@ -589,6 +590,7 @@ def test_a_corpus_changed_before_the_resume_is_refused_naming_the_file(tmp_path,
     Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", study, identity, {})
     train = corpus_dir / "train.txt"
     train.write_text(train.read_text() + "a line added between the interruption and the resume\n")
+    capsys.readouterr()  # what the first run's libraries logged
 
     message = refused(capsys, "ablate", path, *stores(tmp_path), "--devices", "cpu")
     assert f"the corpus changed since this study started: {train}" in message and "Optuna study" in message
@@ -606,6 +608,7 @@ def test_a_corpus_changed_before_a_train_resume_is_refused_naming_the_file(tmp_p
     before = digest(tmp_path / "out" / "last.pt")
     valid = corpus_dir / "valid.txt"
     valid.write_text(valid.read_text() + "a line added between the runs\n")
+    capsys.readouterr()  # the first run's output
     message = refused(capsys, *argv)
     assert str(valid) in message and "corpus changed" in message and "--fresh" in message
     assert digest(tmp_path / "out" / "last.pt") == before

@@ -14,7 +14,7 @@ from torch import nn
 
 from harness.dropout import EmbeddingDropout, WeightDropLSTM
 from harness.masks import (
-    embedding_figure, embedding_masks, hidden_figure, mask_figures, mask_figures_html, weight_drop_mask, weight_figure,
+    embedding_figure, embedding_masks, hidden_figure, mask_figures, png_data_uri, weight_drop_mask, weight_figure,
     write_mask_figures,
 )
 
@@ -106,10 +106,12 @@ def test_write_mask_figures_writes_one_png_per_technique(tmp_path):
         assert matplotlib.image.imread(path).shape[0] > 100
 
 
-def test_mask_figures_html_embeds_captioned_images():
-    page = mask_figures_html()
-    assert page.count("<figure") == 5 and page.count("<figcaption>") == 5
-    assert "whole rows of the embedding matrix" in page and "reused at every time step" in page
-    for chunk in page.split('src="data:image/png;base64,')[1:]:
-        image = matplotlib.image.imread(io.BytesIO(base64.b64decode(chunk.split('"', 1)[0])), format="png")
-        assert image.ndim == 3
+def test_data_uris_decode_to_the_figures_and_rules_name_the_sharing():
+    figures = mask_figures()
+    assert [f.name for f in figures] == ["embedding", "locked", "naive", "timestep", "weight"]
+    assert "whole rows of the embedding matrix" in figures[0].rule and "reused at every time step" in figures[1].rule
+    for item in figures:
+        uri = png_data_uri(item.figure)
+        assert uri.startswith("data:image/png;base64,")
+        image = matplotlib.image.imread(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])), format="png")
+        assert image.ndim == 3 and image.shape[0] > 100

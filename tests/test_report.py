@@ -139,6 +139,7 @@ def test_page_is_self_contained_and_says_the_study_is_complete(report):
     for heading in ("Headline", "Test perplexity over seeds", "Isolation", "Learning curves", "Sensitivity",
                     "Parameter importances", "Expected best", "The dropout masks", "Reproducibility"):
         assert heading in page
+    assert page.count('<figure class="mask"><img src="data:image/png;base64,') == 5  # one diagram per technique
     assert "too few for parameter importances" in page  # 3 trials per variant
     assert "python -m harness report " in page and "python -m harness train " in page
 
