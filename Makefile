@@ -19,7 +19,7 @@ UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
 DASHBOARD_PORT ?= 8080
 
-.PHONY: install test ablation worker report ui dashboard bench clean mutants
+.PHONY: install test ablation plan worker report ui dashboard bench clean mutants
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ test: install
 
 ablation: install
 	$(BIN)/python -m harness ablate $(STUDY) --storage $(STORAGE) --tracking-uri $(TRACKING_URI)
+
+# Cost before running: runs, epochs, device-hours and wall time on this machine's devices (harness.plan).
+plan: install
+	$(BIN)/python -m harness plan $(STUDY)
 
 worker: install
 	$(BIN)/python -m harness worker $(STUDY) --storage $(STORAGE) --tracking-uri $(TRACKING_URI)

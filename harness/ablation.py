@@ -26,7 +26,7 @@ from harness.errors import UserError
 from harness.ledger import (
     CONFIRM, PHASES, SEARCH, Claim, Ledger, TrialLost, open_storage, optuna_name, trials_for,
 )
-from harness.plan import PlanResult, plan_study
+from harness.plan import CALIBRATION_SECONDS, PlanResult, plan_study
 from harness.scheduler import ENVIRONMENT, Outcome, Scheduler, Slot, Task, describe_slots, device_name
 from harness.stores import HEARTBEAT, LocalLock, check_tracking, redact
 from harness.tracking import Tracker, package_versions
@@ -108,7 +108,7 @@ class Ablation:
 
     def _start(self, claim: Claim, slot: Slot) -> Task:
         seed = claim.seed if claim.phase == CONFIRM else self.study.fixed.train.seed
-        overrides = {**claim.params, "train.seed": seed, "train.epochs": self.ledger.max_epochs}
+        overrides = {**claim.params, "train.seed": seed, "train.epochs": self.study.max_epochs}
         config = self.study.run_config(claim.variant, overrides)
         name = f"{claim.variant} {claim.phase} #{claim.number}" + (f" seed {seed}" if claim.phase == CONFIRM else "")
         run_id = self.tracker.start_run(config, name, {
@@ -340,6 +340,8 @@ def run_ablation(study: StudyConfig, *, storage: str, tracking_uri: str, slots: 
                 log(f"resuming: {closed} more MLflow runs marked interrupted")
         estimate = ""  # before the parent runs are marked running: Ctrl-C here leaves them as they were
         if plan and not ledger.complete():
+            log(f"{study.name}: pricing the study: a short calibration run on {describe_slots(slots)} "
+                f"(at most about {CALIBRATION_SECONDS:.0f} s)")
             try:
                 ablation.estimate = plan_study(study, slots, corpus=corpus, log=lambda *a: None)
                 estimate = "\n" + ablation.estimate.format()
@@ -347,7 +349,7 @@ def run_ablation(study: StudyConfig, *, storage: str, tracking_uri: str, slots: 
                 estimate = f"\nno estimate of its cost: {err}"
         ablation.open_parents()
         log(f"{study.name}: {len(ablation.variants)} variants, {study.budget.trials} trials each "
-            f"(max {ledger.max_epochs} epochs), {len(study.budget.confirm_seeds)} confirmation seeds; "
+            f"(max {study.max_epochs} epochs), {len(study.budget.confirm_seeds)} confirmation seeds; "
             f"{describe_slots(slots)}" + (f"; shared with other machines through {redact(storage)}"
                                           if ledger.shared else "") + estimate)
         scheduler = Scheduler(slots)

@@ -1,4 +1,4 @@
-"""Command line: `python -m harness COMMAND ...` (train, ablate, worker, report, masks, bench, data fetch).
+"""Command line: `python -m harness COMMAND ...` (train, ablate, worker, plan, report, masks, bench, data fetch).
 
 User mistakes surface as one line on stderr and a non-zero exit code, never a traceback.
 """
@@ -78,7 +78,7 @@ def _whole(low: int, high: int | None = None):
 
 def cmd_train(args) -> int:
     """One run of one variant of a study, with a progress bar and a summary."""
-    from harness.config import load_study, parse_overrides
+    from harness.config import SITES, load_study, parse_overrides
     from harness.data import load_corpus
     from harness.train import check_splits, clear_checkpoints, train_model
 
@@ -95,8 +95,7 @@ def cmd_train(args) -> int:
     d, m, t = config.dropout, config.model, config.train
     print(f"{study.name} / {config.variant}: {m.n_layers}-layer LSTM emb {m.emb_size} hidden {m.hidden_size}, "
           f"vocab {corpus.vocab_size}, {device}")
-    print(f"  dropout ({d.hidden_mode}): " + ", ".join(f"{s} {getattr(d, s):g}" for s in
-                                                       ("embedding", "input", "hidden", "output", "weight")))
+    print(f"  dropout ({d.hidden_mode}): " + ", ".join(f"{s} {getattr(d, s):g}" for s in SITES))
     print(f"  {t.epochs} epochs, batch {t.batch_size}, bptt {t.bptt}, lr {t.lr:g}, {t.optimizer}; checkpoints in {out}")
     if (out / "last.pt").exists():
         print(f"  resuming from {out / 'last.pt'}")

@@ -97,6 +97,14 @@ class ModelConfig:
         _check_positive(self, "emb_size", "hidden_size", "n_layers")
 
 
+def dropout_rate(name: str, p) -> float:
+    """p as a float if it is a dropout rate in [0, 1), else ValueError naming it: the one rule for every rate
+    (study files, --set, search ranges and the modules of harness.dropout)."""
+    if not 0.0 <= p < 1.0:  # NaN fails too
+        raise ValueError(f"{name} = {p!r} is outside [0, 1): use a rate like 0.3 (0 switches it off)")
+    return float(p)
+
+
 @dataclass(frozen=True)
 class DropoutConfig:
     """The five dropout rates and how hidden-state masks are drawn; a rate of 0 is the identity."""
@@ -111,9 +119,7 @@ class DropoutConfig:
     def __post_init__(self):
         _check_numbers(self)
         for site in SITES:
-            rate = getattr(self, site)
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"{site} = {rate!r} is outside [0, 1): use a rate like 0.3 (0 switches it off)")
+            dropout_rate(site, getattr(self, site))
         _check_choice("hidden_mode", self.hidden_mode, HIDDEN_MODES)
 
 
@@ -316,6 +322,11 @@ class StudyConfig:
         """Content hash of the study file: resuming under one name with another file is refused."""
         return hashlib.sha256(self.text.encode()).hexdigest()[:16]
 
+    @property
+    def max_epochs(self) -> int:
+        """Epochs of every run of the study, search and confirmation: budget.epochs, else fixed.train.epochs."""
+        return self.budget.epochs or self.fixed.train.epochs
+
     def identity(self, corpus_md5: dict | None = None, corpus_files: dict | None = None) -> StudyIdentity:
         """This study's identity on a corpus (split -> MD5); without one, only the study file is checked."""
         return StudyIdentity(self.path, self.digest, dict(corpus_md5 or {}), dict(corpus_files or {}))
@@ -465,8 +476,10 @@ def _parse_search(table, source) -> SearchConfig:
     for site in SITES:
         if site in table:
             rng = _parse_range(table[site], f"search.{site}", source)
-            if rng.low < 0 or rng.high >= 1:
-                raise UserError(f"{source}: search.{site} = {table[site]!r} must lie inside [0, 1)")
+            try:
+                dropout_rate(f"search.{site}", rng.low), dropout_rate(f"search.{site}", rng.high)
+            except ValueError as error:
+                raise UserError(f"{source}: {error}") from None
             rates[site] = rng
     lr = _parse_range(table["lr"], "search.lr", source, log=True) if "lr" in table else None
     sampler = table.get("sampler", "tpe")

@@ -12,14 +12,7 @@ from torch import Tensor, _VF, nn
 from torch.backends import cudnn
 from torch.backends.cudnn import rnn as cudnn_rnn
 
-from harness.config import HIDDEN_MODES
-
-
-def _check_rate(name: str, p: float) -> float:
-    """Return p as a float if it is a dropout rate in [0, 1), else raise ValueError naming it."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{name}={p!r} is not a dropout rate in [0, 1); use 0 to switch it off")
-    return float(p)
+from harness.config import HIDDEN_MODES, dropout_rate
 
 
 def _mask(like: Tensor, shape: tuple[int, ...], p: float) -> Tensor:
@@ -33,7 +26,7 @@ class _Dropout(nn.Module):
 
     def __init__(self, p: float):
         super().__init__()
-        self.p = _check_rate("p", p)
+        self.p = dropout_rate("p", p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -160,8 +153,8 @@ class WeightDropLSTM(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, weight_p: float = 0.0, recurrent_p: float = 0.0):
         super().__init__()
         self.input_size, self.hidden_size = input_size, hidden_size
-        self.weight_p = _check_rate("weight_p", weight_p)
-        self.recurrent_p = _check_rate("recurrent_p", recurrent_p)
+        self.weight_p = dropout_rate("weight_p", weight_p)
+        self.recurrent_p = dropout_rate("recurrent_p", recurrent_p)
         gates = 4 * hidden_size  # i, f, g, o stacked as in nn.LSTM
         self.weight_ih = nn.Parameter(torch.empty(gates, input_size))
         self.weight_hh_raw = nn.Parameter(torch.empty(gates, hidden_size))

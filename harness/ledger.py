@@ -299,7 +299,7 @@ def make_sampler(study: StudyConfig, variant: str, number: int):
                                       constant_liar=True)
 
 
-def make_pruner(study: StudyConfig, max_epochs: int):
+def make_pruner(study: StudyConfig):
     """Median or Hyperband pruning on per-epoch validation perplexity; never inside the warm-up epochs.
 
     Optuna's step is the epoch (1-based, as in MLflow), and both pruners may prune at step == their
@@ -309,8 +309,8 @@ def make_pruner(study: StudyConfig, max_epochs: int):
     if study.budget.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=study.budget.pruner_startup_trials,
                                            n_warmup_steps=first_prunable)
-    if study.budget.pruner == "hyperband" and first_prunable < max_epochs:
-        return optuna.pruners.HyperbandPruner(min_resource=first_prunable, max_resource=max_epochs)
+    if study.budget.pruner == "hyperband" and first_prunable < study.max_epochs:
+        return optuna.pruners.HyperbandPruner(min_resource=first_prunable, max_resource=study.max_epochs)
     return optuna.pruners.NopPruner()
 
 
@@ -354,7 +354,6 @@ class Ledger:
         self.study, self.storage, self.identity, self.log = study, storage, identity, log
         self.shared = is_shared(storage)
         self.heartbeat = Heartbeat(storage)
-        self.max_epochs = study.budget.epochs or study.fixed.train.epochs
         self.variants = list(study.variants)
         self.outage_since: float | None = None
         self.no_verdicts_until = 0.0
@@ -395,7 +394,7 @@ class Ledger:
         """Create or load one Optuna study, with its identity recorded and its search budget in the queue."""
         ostudy = optuna.create_study(
             storage=self.storage, study_name=optuna_name(self.study, variant, phase), direction="minimize",
-            load_if_exists=True, pruner=make_pruner(self.study, self.max_epochs) if phase == SEARCH else None,
+            load_if_exists=True, pruner=make_pruner(self.study) if phase == SEARCH else None,
             sampler=optuna.samplers.RandomSampler(seed=0),  # replaced per claim: see make_sampler
         )
         if "study_digest" not in ostudy.user_attrs:

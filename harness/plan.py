@@ -39,11 +39,6 @@ SAMPLES_PER_VARIANT = 3  # a calibration process exits after this many rounds, w
 REDUCTION_FACTOR = 3  # optuna.pruners.HyperbandPruner's default, which harness.ledger.make_pruner keeps
 
 
-def max_epochs(study: StudyConfig) -> int:
-    """Epochs of every run of the study (as harness.ledger.Ledger.max_epochs)."""
-    return study.budget.epochs or study.fixed.train.epochs
-
-
 def count_runs(study: StudyConfig) -> dict:
     """(variant, phase) -> runs the budget holds: its search trials, then one confirmation run per seed."""
     from harness.ledger import CONFIRM, SEARCH, trials_for
@@ -81,7 +76,7 @@ def _halving_epochs(first_rung: int, epochs: int) -> float:
 
 def pruning_assumption(study: StudyConfig) -> PruningAssumption:
     """The saving assumed from the study's pruner and warm-up (harness.ledger.make_pruner builds the pruner)."""
-    epochs, budget = max_epochs(study), study.budget
+    epochs, budget = study.max_epochs, study.budget
     first = budget.warmup_epochs + 1  # the first epoch at which a trial can be pruned
     if budget.pruner == "none":
         return PruningAssumption("pruner = none: every search trial runs all its epochs", 0, float(epochs))
@@ -570,7 +565,7 @@ def estimate(study: StudyConfig, calibration: Calibration, corpus, *, n_slots: i
 
     if n_slots < 1:
         raise UserError(f"--slots {n_slots}: must be at least 1")
-    epochs = max_epochs(study)
+    epochs = study.max_epochs
     train, valid, test = epoch_tokens(study, corpus)
     local = {v: rate * train + calibration.valid_seconds_per_token * valid + calibration.epoch_extra_seconds
              for v, rate in calibration.train_seconds_per_token.items()}

@@ -73,7 +73,7 @@ def test_builtin_variants_cover_the_ablation():
     ("[variants.x]\nsites = ['embeding']\nhidden_mode = 'locked'", "variants.x.sites"),
     ("[variants.x]\nsites = []\nhidden_mode = 'sideways'", "hidden_mode = 'sideways' is not one of"),
     ("[variants.awd]\n[search]\ninput = [0.6, 0.1]", "search.input = [0.6, 0.1] is inverted"),
-    ("[variants.awd]\n[search]\nweight = [0.2, 1.5]", "must lie inside [0, 1)"),
+    ("[variants.awd]\n[search]\nweight = [0.2, 1.5]", "search.weight = 1.5 is outside [0, 1)"),
     ("[study]\nname = '<b>x</b>'\n[variants.awd]", "unsafe for file names, MLflow filters and HTML"),
     ("[study]\nname = '../up'\n[variants.awd]", "unsafe for file names, MLflow filters and HTML"),
     ("[budget]\npruner = 'mean'\n[variants.awd]", "budget.pruner = 'mean' is not one of"),

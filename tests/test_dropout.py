@@ -63,7 +63,7 @@ def assert_masks(values: torch.Tensor, p: float = P) -> None:
 def test_rates_outside_unit_interval_raise(build, name, p):
     with pytest.raises(ValueError) as error:
         build(p)
-    assert str(error.value) == f"{name}={p!r} is not a dropout rate in [0, 1); use 0 to switch it off"
+    assert str(error.value) == f"{name} = {p!r} is outside [0, 1): use a rate like 0.3 (0 switches it off)"
 
 
 @pytest.mark.parametrize("cls", [LockedDropout, NaiveDropout, TimestepDropout])

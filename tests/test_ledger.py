@@ -192,7 +192,13 @@ def test_no_trial_is_pruned_inside_the_warm_up(tmp_path, pruner, warmup):
 
 def test_pruner_choice_none_never_prunes(tmp_path):
     study = make_study(tmp_path, pruner="none")
-    assert isinstance(make_pruner(study, 6), optuna.pruners.NopPruner)
+    assert isinstance(make_pruner(study), optuna.pruners.NopPruner)
+
+
+@pytest.mark.parametrize("warmup, kind", [(4, optuna.pruners.HyperbandPruner), (5, optuna.pruners.NopPruner)])
+def test_hyperband_needs_a_prunable_epoch_before_the_last(tmp_path, warmup, kind):
+    study = make_study(tmp_path, pruner="hyperband", warmup=warmup)  # every run trains 6 epochs
+    assert study.max_epochs == 6 and isinstance(make_pruner(study), kind)
 
 
 def test_confirmation_trials_are_never_pruned(tmp_path):
