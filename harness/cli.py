@@ -92,17 +92,18 @@ def cmd_train(args) -> int:
     if args.fresh:
         for path in clear_checkpoints(out):  # only what a run writes there, never the folder or other files
             print(f"  --fresh: deleted {path}")
-    d, m, t = config.dropout, config.model, config.train
+    d, m, recipe = config.dropout, config.model, config.train
     print(f"{study.name} / {config.variant}: {m.n_layers}-layer LSTM emb {m.emb_size} hidden {m.hidden_size}, "
           f"vocab {corpus.vocab_size}, {device}")
     print(f"  dropout ({d.hidden_mode}): " + ", ".join(f"{s} {getattr(d, s):g}" for s in SITES))
-    print(f"  {t.epochs} epochs, batch {t.batch_size}, bptt {t.bptt}, lr {t.lr:g}, {t.optimizer}; checkpoints in {out}")
+    print(f"  {recipe.epochs} epochs, batch {recipe.batch_size}, bptt {recipe.bptt}, lr {recipe.lr:g}, "
+          f"{recipe.optimizer}; checkpoints in {out}")
     if (out / "last.pt").exists():
         print(f"  resuming from {out / 'last.pt'}")
 
     def report(e):
         tag = "  (averaged)" if e.averaging else ""
-        print(f"epoch {e.epoch:>3}/{t.epochs}  train ppl {e.train_ppl:8.2f}  val ppl {e.val_ppl:8.2f}  "
+        print(f"epoch {e.epoch:>3}/{recipe.epochs}  train ppl {e.train_ppl:8.2f}  val ppl {e.val_ppl:8.2f}  "
               f"lr {e.lr:g}  {e.epoch_seconds:6.1f} s  {e.tokens_per_s:8,.0f} tok/s{tag}", flush=True)
 
     result = train_model(config, corpus, device=device, checkpoint_dir=out, on_epoch=report,

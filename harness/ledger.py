@@ -480,8 +480,8 @@ class Ledger:
 
     def search_settled(self, variant: str) -> bool:
         """Every search trial of the budget has settled and none runs or waits."""
-        t = self.tally(variant, SEARCH)
-        return t.settled >= trials_for(self.study, variant) and not t.running and not t.waiting
+        tally = self.tally(variant, SEARCH)
+        return tally.settled >= trials_for(self.study, variant) and not tally.running and not tally.waiting
 
     def confirmation_due(self, variant: str) -> int:
         """Confirmation runs the variant still owes: its seeds once its search has a finished trial, else 0."""
@@ -489,10 +489,10 @@ class Ledger:
             return 0
         if not self.search_settled(variant):
             return len(self.study.budget.confirm_seeds)
-        t = self.tally(variant, CONFIRM)
-        if t.settled + t.retried + t.interrupted + t.running + t.waiting == 0:  # not enqueued yet
+        tally = self.tally(variant, CONFIRM)
+        if tally.settled + tally.retried + tally.interrupted + tally.running + tally.waiting == 0:  # not enqueued yet
             return len(self.study.budget.confirm_seeds) if self.best(variant) else 0
-        return t.waiting + t.running
+        return tally.waiting + tally.running
 
     def variant_settled(self, variant: str) -> bool:
         """Search settled and every confirmation seed settled (or nothing could be confirmed)."""

@@ -205,13 +205,13 @@ def _eval_windows(windows: int) -> int:
 def _windows_config(study: StudyConfig, variant: str, windows: int, corpus) -> RunConfig:
     """The variant's run for 2 epochs on `windows` BPTT windows of training and half as many of validation
     (fewer where the study's slice or the corpus is shorter)."""
-    t = study.fixed.train
-    train_tokens = t.batch_size * (windows * t.bptt + 1)  # + the row that is only a target
-    valid_tokens = t.eval_batch_size * (_eval_windows(windows) * t.bptt + 1)
+    recipe = study.fixed.train
+    train_tokens = recipe.batch_size * (windows * recipe.bptt + 1)  # + the row that is only a target
+    valid_tokens = recipe.eval_batch_size * (_eval_windows(windows) * recipe.bptt + 1)
     return study.run_config(variant, {
         "train.epochs": 2,
-        "train.train_tokens": min(train_tokens, t.train_tokens or train_tokens, len(corpus.train)),
-        "train.valid_tokens": min(valid_tokens, t.valid_tokens or valid_tokens, len(corpus.valid)),
+        "train.train_tokens": min(train_tokens, recipe.train_tokens or train_tokens, len(corpus.train)),
+        "train.valid_tokens": min(valid_tokens, recipe.valid_tokens or valid_tokens, len(corpus.valid)),
     })
 
 

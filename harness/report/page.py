@@ -40,7 +40,7 @@ def _headline(result: StudyResult) -> list:
     to_reference = result.against(result.reference)
     rows = []
     for r in result.rows:
-        c, t = to_reference.get(r.name), r.trials
+        c, tally = to_reference.get(r.name), r.trials
         rows.append({
             "name": r.name, "description": r.description, "is_reference": r.name == result.reference,
             "search_best_val_ppl": _num(r.search_best_val_ppl), "mean": _num(r.mean),
@@ -51,9 +51,9 @@ def _headline(result: StudyResult) -> list:
             "supported": ("yes" if c.supported else "no") if c and c.p_holm is not None else "—",
             "rates": (", ".join(f"{k.split('.', 1)[1]} {v:.3g}" for k, v in r.best_params.items()) if r.best_params
                       else "—" if r.searched else "nothing searched"),
-            "trials_run": r.trials_run if t else "—", "trials_pruned": t.pruned if t else "—",
-            "trials_failed": (f"{t.failed + t.retried}" + (f" ({t.retried} retried)" if t.retried else "")
-                              + (f", {t.interrupted} interrupted" if t.interrupted else "")) if t else "—",
+            "trials_run": r.trials_run if tally else "—", "trials_pruned": tally.pruned if tally else "—",
+            "trials_failed": (f"{tally.failed + tally.retried}" + (f" ({tally.retried} retried)" if tally.retried else "")
+                              + (f", {tally.interrupted} interrupted" if tally.interrupted else "")) if tally else "—",
             "device_hours": f"{r.device_hours:.3f}",
             "best_epoch": (f"{np.median(r.best_epochs):g} of {r.epochs}" + ("" if r.converged else " ⚠"))
                           if r.best_epochs else "—",
