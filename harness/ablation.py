@@ -135,12 +135,15 @@ class Ablation:
         if live.lost:
             return False
         live.epochs = int(epoch["epoch"])
-        self.tracker.log_epoch(live.run_id, epoch)
+        # Optuna first: its verdict decides whether the trial goes on, and the ledger says so when the storage
+        # is away and waits for it (an MLflow server on the same database would only retry in silence).
         try:
-            return self.ledger.report_epoch(live.claim, int(epoch["epoch"]), epoch["val_ppl"])
+            keep_going = self.ledger.report_epoch(live.claim, int(epoch["epoch"]), epoch["val_ppl"])
         except TrialLost:
             live.lost = True  # failed as stale elsewhere while this machine could not beat: stop it
-            return False
+            keep_going = False
+        self.tracker.log_epoch(live.run_id, epoch)
+        return keep_going
 
     def on_done(self, task: Task, slot: Slot, outcome: Outcome) -> None:
         live = self.live.pop(task.key)

@@ -365,18 +365,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """MLflow's and Optuna's own INFO lines (database migrations, "View run" links, "Trial finished") would drown
-    the live view, which says what happens; and each of its lines shows at once, also through a pipe or a log file."""
+STUDY_COMMANDS = ("ablate", "worker", "plan", "report")  # the commands that open an Optuna storage
+
+
+def _quiet_libraries(command: str) -> None:
+    """MLflow's and Optuna's own INFO lines (database migrations, "View run" links, "A new study created") would
+    drown the live view, which says what happens; and each of its lines shows at once, also through a pipe or a
+    log file."""
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    for name in ("mlflow", "alembic", "optuna"):
+    for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if command in STUDY_COMMANDS:
+        import optuna  # its first import sets its logger to INFO: only its own setter stays set
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     sys.stdout.reconfigure(line_buffering=True)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    _quiet_libraries(args.command)
     try:
         return args.func(args)
     except UserError as err:

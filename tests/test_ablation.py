@@ -19,7 +19,7 @@ from harness.ledger import Ledger, open_storage
 from harness.scheduler import Scheduler, Slot, discover_slots
 from harness.tracking import Tracker
 
-from conftest import run_harness
+from conftest import run_harness, with_corpus
 
 TINY = """
 [study]
@@ -54,9 +54,10 @@ max_retries = 1
 """
 
 
-def tiny_study(tmp_path, trials=2, seeds="[]"):
+def tiny_study(tmp_path, corpus, trials=2, seeds="[]"):
+    """TINY on `corpus` (the test_corpus fixture: PTB, or the synthetic corpus without it)."""
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY.format(trials=trials, seeds=seeds))
+    path.write_text(with_corpus(TINY.format(trials=trials, seeds=seeds), corpus))
     return load_study(path)
 
 
@@ -90,8 +91,8 @@ class TickingTrials(EqualTrials):
         self.events.append((time.monotonic(), "tick", None, None, len(self.todo)))
 
 
-def test_slots_are_exclusive_and_never_idle_while_work_remains(tmp_path):
-    source = TickingTrials(tiny_study(tmp_path).run_config("locked_only"), 5, tmp_path)
+def test_slots_are_exclusive_and_never_idle_while_work_remains(tmp_path, test_corpus):
+    source = TickingTrials(tiny_study(tmp_path, test_corpus).run_config("locked_only"), 5, tmp_path)
     Scheduler([Slot(0, "cpu", 1), Slot(1, "cpu", 1)], tick_seconds=0.2).run(source)
     events = [e for e in source.events if e[1] != "tick"]
     running = {}
@@ -111,8 +112,8 @@ def test_slots_are_exclusive_and_never_idle_while_work_remains(tmp_path):
             assert later[j][1] == "start" and sum(e[1] == "tick" for e in later[:j]) <= 1
 
 
-def test_killed_worker_fails_only_its_trial_and_is_retried(tmp_path):
-    study = tiny_study(tmp_path, trials=2)
+def test_killed_worker_fails_only_its_trial_and_is_retried(tmp_path, test_corpus):
+    study = tiny_study(tmp_path, test_corpus, trials=2)
     storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
     ablation = open_ablation(study, storage, uri, tmp_path / "runs")
     scheduler = Scheduler([Slot(0, "cpu", 1), Slot(1, "cpu", 1)], tick_seconds=0.2)
@@ -144,8 +145,8 @@ def test_killed_worker_fails_only_its_trial_and_is_retried(tmp_path):
     assert states == ["failed"] + ["finished"] * 4
 
 
-def test_a_prune_verdict_stops_the_worker_and_is_recorded_everywhere(tmp_path):
-    study = tiny_study(tmp_path, trials=2, seeds="[1]")
+def test_a_prune_verdict_stops_the_worker_and_is_recorded_everywhere(tmp_path, test_corpus):
+    study = tiny_study(tmp_path, test_corpus, trials=2, seeds="[1]")
     storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
     ablation = open_ablation(study, storage, uri, tmp_path / "runs")
     report_epoch, victims = ablation.ledger.report_epoch, []
@@ -251,8 +252,8 @@ def test_resuming_a_finished_study_duplicates_nothing(smoke_run):
     assert sorted(r.info.run_id for r in after) == sorted(r.info.run_id for r in before)
 
 
-def test_interrupted_study_resumes_without_duplicates(tmp_path):
-    study = tiny_study(tmp_path, trials=2, seeds="[1]")
+def test_interrupted_study_resumes_without_duplicates(tmp_path, test_corpus):
+    study = tiny_study(tmp_path, test_corpus, trials=2, seeds="[1]")
     storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
     slots = [Slot(0, "cpu", 1), Slot(1, "cpu", 1)]
     calls = []

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import math
 import os
+import re
 import signal
 import string
 import typing
@@ -675,10 +676,11 @@ def test_the_issues_truncated_last_pt(tmp_path, trained):
     _truncate(out / "last.pt")
     proc = run_harness("train", study, "--variant", "awd", "--no-progress", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip().splitlines() == [
-        f"error: {Path('runs/bad/awd-seed141/last.pt')}: not a readable checkpoint (PytorchStreamReader failed "
-        "reading zip archive: failed finding central directory); pass --fresh to start over, or --out for a new "
-        "folder"]
+    # torch's reason depends on where the cut falls in the zip (a missing central directory, or a seek past the
+    # end: "Invalid argument"); the line around it is the harness's.
+    (line,) = proc.stderr.strip().splitlines()
+    assert re.fullmatch(rf"error: {re.escape(str(Path('runs/bad/awd-seed141/last.pt')))}: not a readable checkpoint "
+                        r"\([^\n]+\); pass --fresh to start over, or --out for a new folder", line), line
 
 
 # Class (item 2): --fresh deletes only what a run wrote; never the folder, never the user's files.

@@ -5,7 +5,7 @@ Needs PostgreSQL installed (see shared_stores.py); about two minutes on two core
 
 from mlflow import MlflowClient
 
-from conftest import SMOKE_STUDY, run_harness
+from conftest import SMOKE_STUDY, run_harness, study_for_tests, with_corpus
 from harness.config import load_study
 from harness.ledger import trials_for
 from harness.stores import redact
@@ -23,10 +23,11 @@ def test_redact_masks_passwords_and_leaves_the_rest():
 
 
 def test_two_workers_run_every_trial_once_and_ablate_writes_the_report(tmp_path, postgres, mlflow_server, launch,
-                                                                      figures):
-    study = load_study(SMOKE_STUDY)
+                                                                      figures, test_corpus):
+    study_path = study_for_tests(SMOKE_STUDY, test_corpus, tmp_path)
+    study = load_study(study_path)
     storage = postgres.create_database("two_workers")
-    common = ["worker", SMOKE_STUDY, "--tracking-uri", mlflow_server, "--devices", "cpu", "--trials-per-device", 1,
+    common = ["worker", study_path, "--tracking-uri", mlflow_server, "--devices", "cpu", "--trials-per-device", 1,
               "--heartbeat", 2]
     # One machine has the password in the URL, the other in PGPASSWORD, which libpq reads.
     first = launch(*common, "--storage", storage, "--runs-dir", tmp_path / "first", name="first")
@@ -45,7 +46,7 @@ def test_two_workers_run_every_trial_once_and_ablate_writes_the_report(tmp_path,
     assert coordinators == {str(first.pid), str(second.pid)}  # both machines took work
 
     # Once the budget is met, `ablate` with the same URLs starts nothing and writes the report.
-    proc = run_harness("ablate", SMOKE_STUDY, "--storage", storage, "--tracking-uri", mlflow_server, "--devices",
+    proc = run_harness("ablate", study_path, "--storage", storage, "--tracking-uri", mlflow_server, "--devices",
                        "cpu", "--heartbeat", 2, "--runs-dir", tmp_path / "runs", "--reports-dir",
                        tmp_path / "reports", cwd=tmp_path)
     assert "start " not in proc.stdout
@@ -58,10 +59,11 @@ def test_two_workers_run_every_trial_once_and_ablate_writes_the_report(tmp_path,
     assert not [text for text in recorded if PG_PASSWORD in text]
 
 
-def test_another_study_file_or_heartbeat_on_the_same_study_is_refused(tmp_path, postgres, mlflow_server):
+def test_another_study_file_or_heartbeat_on_the_same_study_is_refused(tmp_path, postgres, mlflow_server, test_corpus):
     storage = postgres.create_database("refuse_mixing")
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY.format(trials=1, seeds="[]").replace('name = "tiny"', 'name = "tiny-changed"'))
+    path.write_text(with_corpus(TINY.format(trials=1, seeds="[]"), test_corpus).replace('name = "tiny"',
+                                                                                       'name = "tiny-changed"'))
     common = ["--storage", storage, "--tracking-uri", mlflow_server, "--devices", "cpu",
               "--runs-dir", tmp_path / "runs"]
     run_harness("worker", path, *common, "--heartbeat", 2, cwd=tmp_path)

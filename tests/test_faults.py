@@ -13,7 +13,7 @@ import time
 import optuna
 from optuna.trial import TrialState
 
-from conftest import run_harness
+from conftest import run_harness, with_corpus
 from harness.config import load_study
 from harness.ledger import SEARCH, optuna_name
 from harness.scheduler import Scheduler, Slot
@@ -22,16 +22,17 @@ from shared_stores import PG_PASSWORD, Audit, audit, free_port, running_trial, w
 from test_ablation import TINY, open_ablation
 
 
-def fault_study(tmp_path, name: str, trials=2, seeds="[1]", epochs=4):
-    """TINY under its own name, with epochs long enough to be caught in the middle of a trial."""
+def fault_study(tmp_path, corpus, name: str, trials=2, seeds="[1]", epochs=4):
+    """TINY on `corpus` (test_corpus) under its own name, with epochs long enough to be caught mid-trial."""
     path = tmp_path / f"{name}.toml"
-    path.write_text(TINY.format(trials=trials, seeds=seeds).replace('name = "tiny"', f'name = "{name}"')
-                    .replace("epochs = 2", f"epochs = {epochs}"))
+    text = with_corpus(TINY.format(trials=trials, seeds=seeds), corpus)
+    path.write_text(text.replace('name = "tiny"', f'name = "{name}"').replace("epochs = 2", f"epochs = {epochs}"))
     return load_study(path)
 
 
-def test_killed_machine_goes_stale_and_its_trial_is_retried(tmp_path, postgres, mlflow_server, launch, figures):
-    study = fault_study(tmp_path, "killed-machine")
+def test_killed_machine_goes_stale_and_its_trial_is_retried(tmp_path, postgres, mlflow_server, launch, figures,
+                                                           test_corpus):
+    study = fault_study(tmp_path, test_corpus, "killed-machine")
     storage = postgres.create_database("killed_machine")
     common = ["worker", study.path, "--storage", storage, "--tracking-uri", mlflow_server, "--devices", "cpu",
               "--trials-per-device", 1, "--heartbeat", 1]
@@ -53,8 +54,8 @@ def test_killed_machine_goes_stale_and_its_trial_is_retried(tmp_path, postgres, 
     assert f"retry  {variant}/search/{victim.number}" in survivor.output
 
 
-def test_killed_coordinator_resumes_with_nothing_lost_or_duplicated(tmp_path, launch, figures):
-    study = fault_study(tmp_path, "killed-coordinator", seeds="[]")
+def test_killed_coordinator_resumes_with_nothing_lost_or_duplicated(tmp_path, launch, figures, test_corpus):
+    study = fault_study(tmp_path, test_corpus, "killed-coordinator", seeds="[]")
     storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
     command = ["ablate", study.path, "--storage", storage, "--tracking-uri", uri, "--devices", "cpu",
                "--trials-per-device", 2, "--runs-dir", tmp_path / "runs", "--reports-dir", tmp_path / "reports"]
@@ -75,8 +76,8 @@ def test_killed_coordinator_resumes_with_nothing_lost_or_duplicated(tmp_path, la
             assert retry.state == TrialState.COMPLETE and retry.user_attrs["attempt"] == failed.user_attrs["attempt"]
 
 
-def test_nan_loss_fails_its_trial_with_the_reason_and_the_others_go_on(tmp_path, figures):
-    study = fault_study(tmp_path, "nan-loss", seeds="[]", epochs=2)
+def test_nan_loss_fails_its_trial_with_the_reason_and_the_others_go_on(tmp_path, figures, test_corpus):
+    study = fault_study(tmp_path, test_corpus, "nan-loss", seeds="[]", epochs=2)
     storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
     ablation = open_ablation(study, storage, uri, tmp_path / "runs")
     poisoned = []
@@ -101,8 +102,9 @@ def test_nan_loss_fails_its_trial_with_the_reason_and_the_others_go_on(tmp_path,
     assert run.data.tags["state"] == "failed" and "loss became nan" in run.data.tags["fail_reason"]
 
 
-def test_postgres_restart_mid_study_loses_nothing(tmp_path, postgres, mlflow_server, launch, figures):
-    study = fault_study(tmp_path, "postgres-restart")
+def test_postgres_restart_mid_study_loses_nothing(tmp_path, postgres, mlflow_server, launch, figures,
+                                                  test_corpus):
+    study = fault_study(tmp_path, test_corpus, "postgres-restart")
     storage = postgres.create_database("postgres_restart")
     common = ["worker", study.path, "--storage", storage, "--tracking-uri", mlflow_server, "--devices", "cpu",
               "--trials-per-device", 1, "--heartbeat", 2]
@@ -111,9 +113,10 @@ def test_postgres_restart_mid_study_loses_nothing(tmp_path, postgres, mlflow_ser
     wait_for(lambda: all(running_trial(poll, study, m.pid) for m in machines), 120, "both machines to run a trial")
     poll.engine.dispose()
     postgres.stop()
-    # Back only once both coordinators have hit the outage (an event, not a guess at how long that takes).
-    wait_for(lambda: all("does not answer" in m.output for m in machines), 120, "both machines to notice the outage")
-    postgres.start()
+    try:  # back only once both coordinators have hit the outage (an event, not a guess at how long that takes)
+        wait_for(lambda: all("does not answer" in m.output for m in machines), 120, "both machines to notice the outage")
+    finally:  # the cluster serves the session's other tests
+        postgres.start()
     for machine in machines:
         assert machine.wait() == 0, machine.output
     result = figures(audit(study, storage, mlflow_server), faults=1)
@@ -121,8 +124,8 @@ def test_postgres_restart_mid_study_loses_nothing(tmp_path, postgres, mlflow_ser
     assert not [m.output for m in machines if "Traceback" in m.output]
 
 
-def test_coordinator_waits_out_a_storage_outage(tmp_path, postgres):
-    study = fault_study(tmp_path, "outage", trials=1, seeds="[]")
+def test_coordinator_waits_out_a_storage_outage(tmp_path, postgres, test_corpus):
+    study = fault_study(tmp_path, test_corpus, "outage", trials=1, seeds="[]")
     lines = []
     ablation = open_ablation(study, postgres.create_database("outage"), f"sqlite:///{tmp_path / 'mlflow.db'}",
                              tmp_path / "runs", log=lines.append, heartbeat=1)
@@ -143,8 +146,8 @@ def test_coordinator_waits_out_a_storage_outage(tmp_path, postgres):
     assert any("answers again" in line for line in lines)
 
 
-def test_unreachable_servers_fail_within_seconds_with_one_line(tmp_path):
-    study = fault_study(tmp_path, "unreachable", epochs=1)
+def test_unreachable_servers_fail_within_seconds_with_one_line(tmp_path, test_corpus):
+    study = fault_study(tmp_path, test_corpus, "unreachable", epochs=1)
     closed = free_port()
     with socket.socket() as silent:  # accepts connections (the kernel does) but never answers
         silent.bind(("127.0.0.1", 0))

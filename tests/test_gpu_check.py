@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+from conftest import study_for_tests
 from harness import gpu_check
 from harness.bench import BenchRow, WeightDropMemory, pack_trials
 from harness.config import load_study
@@ -188,8 +189,8 @@ def test_junit_rows_report_passes_failures_and_skips_from_a_real_pytest_run(tmp_
 # ---- packing through the scheduler, with tiny trials on the CPU -----------------------------------
 
 
-def test_pack_trials_runs_a_wave_at_once_and_counts_every_trained_token(data_dir):
-    config = load_study(REPO / "studies" / "smoke.toml").run_config(
+def test_pack_trials_runs_a_wave_at_once_and_counts_every_trained_token(tmp_path, test_corpus):
+    config = load_study(study_for_tests(REPO / "studies" / "smoke.toml", test_corpus, tmp_path)).run_config(
         "awd", {"train.epochs": 2, "train.train_tokens": 2_000, "train.valid_tokens": 1_000})
     load_corpus(config.corpus, log=lambda *a: None)
     started = time.perf_counter()
@@ -204,6 +205,7 @@ def test_pack_trials_runs_a_wave_at_once_and_counts_every_trained_token(data_dir
 # ---- the bundle, and what a bare torch machine needs ----------------------------------------------
 
 
+@pytest.mark.ptb
 def test_bundled_corpus_is_verified_against_the_published_md5s(tmp_path, data_dir):
     bundle_corpus(data_dir, tmp_path / "data")
     assert load_corpus("ptb", tmp_path / "data", fetch_missing=False, log=lambda *a: None).vocab_size == 10_000
