@@ -77,6 +77,23 @@ def with_corpus(study_text: str, corpus: str) -> str:
     return new
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Records (weights, copy of the W_hh it got) for every call into torch._VF.lstm (the fused LSTM kernel)."""
+    import torch  # here, not at the top: most test modules need no torch
+
+    calls = []
+    fused = torch._VF.lstm
+
+    def spy(*args):
+        # Copy W_hh: the argument aliases the slot, which the next forward overwrites.
+        calls.append((list(args[2]), args[2][1].detach().clone()))
+        return fused(*args)
+
+    monkeypatch.setattr(torch._VF, "lstm", spy)
+    return calls
+
+
 @dataclass(frozen=True)
 class SmokeRun:
     """Where a finished smoke study left its results."""

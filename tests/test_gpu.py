@@ -20,6 +20,7 @@ from harness.config import HIDDEN_MODES, DropoutConfig, ModelConfig, RunConfig, 
 from harness.dropout import WeightDropLSTM
 from harness.model import AWDLSTM
 from harness.train import NTASGD
+from test_dropout import lstm_like, run
 
 pytestmark = [
     pytest.mark.gpu,
@@ -40,38 +41,6 @@ def no_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         yield
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Records (weights, copy of the W_hh it got) for every call into torch._VF.lstm."""
-    calls = []
-    fused = torch._VF.lstm
-
-    def spy(*args):
-        # Copy W_hh: the argument aliases the slot, which the next forward overwrites.
-        calls.append((list(args[2]), args[2][1].detach().clone()))
-        return fused(*args)
-
-    monkeypatch.setattr(torch._VF, "lstm", spy)
-    return calls
-
-
-def lstm_like(layer: WeightDropLSTM, weight_hh: torch.Tensor | None = None) -> nn.LSTM:
-    """An nn.LSTM on the layer's device and dtype holding its weights (or weight_hh instead of its raw W_hh)."""
-    lstm = nn.LSTM(layer.input_size, layer.hidden_size).to(layer.weight_ih.device, layer.weight_ih.dtype)
-    with torch.no_grad():
-        lstm.weight_ih_l0.copy_(layer.weight_ih)
-        lstm.weight_hh_l0.copy_(layer.weight_hh_raw if weight_hh is None else weight_hh)
-        lstm.bias_ih_l0.copy_(layer.bias_ih)
-        lstm.bias_hh_l0.copy_(layer.bias_hh)
-    return lstm
-
-
-def run(layer, x, state=None):
-    """The layer's output and final state concatenated, for one-line comparisons."""
-    out, (h_n, c_n) = layer(x, state)
-    return torch.cat([out, h_n, c_n])
 
 
 def assert_one_buffer(weights: list[torch.Tensor]) -> None:
