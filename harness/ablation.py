@@ -269,7 +269,7 @@ class Ablation:
             best = self.ledger.best(v)
             lines.append(
                 f"  {v:<18} {s.finished:>4} / {s.pruned:>6} / {s.failed + s.retried:>6} / {s.interrupted:>11} / "
-                f"{s.running:>7} of {trials_for(self.study, v):<5} {best[1] if best else float('nan'):>12.2f}   "
+                f"{s.running:>7} of {trials_for(self.study, v):<5} {f'{best[1]:.2f}' if best else 'none yet':>12}   "
                 f"{c.finished}/{seeds}" + (f" ({c.running} running)" if c.running else ""))
         left = self.ledger.remaining()
         if self.durations:

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from harness.ablation import Ablation, run_ablation
 from harness.bench import EqualTrials
 from harness.config import load_study
-from harness.ledger import Ledger, open_storage
+from harness.ledger import SEARCH, Ledger, open_storage
 from harness.scheduler import Scheduler, Slot, discover_slots
 from harness.tracking import Tracker
 
@@ -289,3 +289,16 @@ def test_other_study_file_under_the_same_name_is_refused(tmp_path, smoke_run):
                        "--devices", "cpu", cwd=smoke_run.workdir, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "different version of" in proc.stderr and "new study.name" in proc.stderr
+
+
+def test_live_view_counts_interrupted_trials_apart_from_failed_ones(tmp_path, test_corpus):
+    study = tiny_study(tmp_path, test_corpus, trials=2)
+    ablation = open_ablation(study, f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                             tmp_path / "runs")
+    ledger = ablation.ledger
+    ledger.fail(ledger.claim("locked_only", SEARCH), "interrupted (Ctrl-C)", interrupted=True)
+    ledger.fail(ledger.claim("locked_only", SEARCH), "RuntimeError: boom")
+    (row,) = [line for line in ablation.summary().splitlines() if line.split()[:1] == ["locked_only"]]
+    done, pruned, failed, interrupted = (int(n) for n in row.split()[1:8:2])
+    assert (done, pruned, failed, interrupted) == (0, 0, 1, 1)
+    assert row.split()[-3:-1] == ["none", "yet"]  # no finished trial: no best value, and no "nan"
