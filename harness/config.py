@@ -268,6 +268,12 @@ class BudgetConfig:
             raise ValueError(f"confirm_seeds = {list(self.confirm_seeds)!r} repeats a seed")
 
 
+def changed_splits(recorded: dict, md5: dict) -> list:
+    """The splits (sorted) whose MD5 differs from the one recorded; a split recorded nowhere is not compared.
+    The one rule for "the corpus changed" of a study (StudyIdentity) and of a run's checkpoint (harness.train)."""
+    return [split for split, digest in sorted(md5.items()) if split in recorded and recorded[split] != digest]
+
+
 @dataclass(frozen=True)
 class StudyIdentity:
     """What makes the runs of one study comparable: the study file's digest and the corpus files' MD5s.
@@ -294,7 +300,7 @@ class StudyIdentity:
                     "refusing to mix their results: to resume it, run the file it was made from (every MLflow run "
                     "holds it as study.toml); to start afresh, give this file a new study.name (or use new stores)")
         before = dict(pair.split("=", 1) for pair in str(recorded.get("corpus_md5") or "").split(",") if "=" in pair)
-        changed = [split for split, md5 in sorted(self.corpus_md5.items()) if split in before and before[split] != md5]
+        changed = changed_splits(before, self.corpus_md5)
         if changed:
             files = ", ".join(f"{self.corpus_files.get(s, s)} (MD5 {before[s]} -> {self.corpus_md5[s]})" for s in changed)
             return (f"{self.study_path}: the corpus changed since this study started: {files}; its trials would compare "

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from harness.config import RunConfig
+from harness.config import RunConfig, changed_splits
 from harness.data import Corpus, batchify, bptt_positions, find_split_files, get_batch
 from harness.errors import UserError
 from harness.model import AWDLSTM, detach_state
@@ -250,7 +250,7 @@ def _resume(path: Path, config: RunConfig, corpus: Corpus, model: AWDLSTM, optim
         diff = ", ".join(f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
         raise CheckpointError(f"{path} was made by another config ({diff}); {_START_OVER}")
     recorded = saved.get("corpus_md5") or {}
-    moved = [split for split, md5 in sorted(corpus.md5.items()) if split in recorded and recorded[split] != md5]
+    moved = changed_splits(recorded, corpus.md5)
     if moved:
         try:
             files = find_split_files(corpus.path)
