@@ -373,3 +373,18 @@ def test_conclusions_say_each_supported_difference_and_what_more_seeds_would_dec
     assert any(s.startswith("locked_only beats no_dropout by ") for s in said)
     undecided = [s for s in said if s.startswith("Not supported: awd ahead of locked_only by 0.20 ppl")]
     assert len(undecided) == 1 and "seeds per variant" in undecided[0]
+
+
+def test_conclusions_name_the_seeds_whose_best_epoch_fell_in_the_last_quarter():
+    from harness.report.summary import StudyResult, VariantResult, conclusions
+
+    def row(name, best_epochs):
+        return VariantResult(name, "", (), None, {}, {s: 100.0 + s for s in range(1, 7)}, None, 0.0,
+                             best_epochs=best_epochs, epochs=24)
+
+    early, late = row("no_dropout", (7, 6, 8, 6, 10, 8)), row("awd", (16, 14, 15, 22, 19, 18))
+    assert early.converged and not late.converged  # 18 = 0.75 x 24 is still converged, 19 is not
+    sentences = conclusions(StudyResult(None, [late, early], [], "awd", "", []))
+    (warning,) = [s for s in sentences if s.startswith("Still improving")]
+    assert "awd (2 of 6 seeds best in the last quarter of 24 epochs, at epoch 19, 22)" in warning
+    assert "no_dropout" not in warning

@@ -237,7 +237,12 @@ def conclusions(result: StudyResult) -> list:
         out += supported
     else:
         out.append("No difference is supported after Holm's correction.")
-    late = [f"{r.name} (best epoch {max(r.best_epochs)} of {r.epochs})" for r in confirmed if r.converged is False]
+    late = []
+    for r in confirmed:
+        if r.converged is False:  # the same rule as the headline's warning mark
+            last_quarter = sorted(e for e in r.best_epochs if e > CONVERGED_BY * r.epochs)
+            late.append(f"{r.name} ({len(last_quarter)} of {len(r.best_epochs)} seeds best in the last quarter of "
+                        f"{r.epochs} epochs, at epoch {', '.join(map(str, last_quarter))})")
     if late:
         out.append("Still improving near the end, so more epochs might change these numbers: " + ", ".join(late) + ".")
     return out + open_questions
