@@ -104,7 +104,10 @@ def test_nan_loss_fails_its_trial_with_the_reason_and_the_others_go_on(tmp_path,
 
 def test_postgres_restart_mid_study_loses_nothing(tmp_path, postgres, mlflow_server, launch, figures,
                                                   test_corpus):
-    study = fault_study(tmp_path, test_corpus, "postgres-restart")
+    # Trials long enough (20 epochs) that the stop lands while both still train: their next epoch report tells
+    # Optuna, which announces the outage. (Stopped between a claim and its MLflow run, a coordinator would wait in
+    # MLflow's own HTTP retries, silently, for minutes; nothing is lost either way.)
+    study = fault_study(tmp_path, test_corpus, "postgres-restart", epochs=20)
     storage = postgres.create_database("postgres_restart")
     common = ["worker", study.path, "--storage", storage, "--tracking-uri", mlflow_server, "--devices", "cpu",
               "--trials-per-device", 1, "--heartbeat", 2]
