@@ -45,7 +45,12 @@ class VariantResult:
         a best epoch at the end would mean more epochs might still change its numbers. None without runs."""
         if not self.best_epochs or not self.epochs:
             return None
-        return max(self.best_epochs) <= CONVERGED_BY * self.epochs
+        return not self.late_best_epochs
+
+    @property
+    def late_best_epochs(self) -> list:
+        """The confirmation runs' best epochs that fell in the last quarter of their epochs, sorted."""
+        return sorted(e for e in self.best_epochs if self.epochs and e > CONVERGED_BY * self.epochs)
 
     @property
     def mean(self) -> float | None:
@@ -240,9 +245,8 @@ def conclusions(result: StudyResult) -> list:
     late = []
     for r in confirmed:
         if r.converged is False:  # the same rule as the headline's warning mark
-            last_quarter = sorted(e for e in r.best_epochs if e > CONVERGED_BY * r.epochs)
-            late.append(f"{r.name} ({len(last_quarter)} of {len(r.best_epochs)} seeds best in the last quarter of "
-                        f"{r.epochs} epochs, at epoch {', '.join(map(str, last_quarter))})")
+            late.append(f"{r.name} ({len(r.late_best_epochs)} of {len(r.best_epochs)} seeds best in the last quarter "
+                        f"of {r.epochs} epochs, at epoch {', '.join(map(str, r.late_best_epochs))})")
     if late:
         out.append("Still improving near the end, so more epochs might change these numbers: " + ", ".join(late) + ".")
     return out + open_questions
