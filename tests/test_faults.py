@@ -104,9 +104,7 @@ def test_nan_loss_fails_its_trial_with_the_reason_and_the_others_go_on(tmp_path,
 
 def test_postgres_restart_mid_study_loses_nothing(tmp_path, postgres, mlflow_server, launch, figures,
                                                   test_corpus):
-    # Trials long enough (20 epochs) that the stop lands while both still train: their next epoch report tells
-    # Optuna, which announces the outage. (Stopped between a claim and its MLflow run, a coordinator would wait in
-    # MLflow's own HTTP retries, silently, for minutes; nothing is lost either way.)
+    # Trials long enough (20 epochs) that the stop lands while both still train.
     study = fault_study(tmp_path, test_corpus, "postgres-restart", epochs=20)
     storage = postgres.create_database("postgres_restart")
     common = ["worker", study.path, "--storage", storage, "--tracking-uri", mlflow_server, "--devices", "cpu",
@@ -116,8 +114,11 @@ def test_postgres_restart_mid_study_loses_nothing(tmp_path, postgres, mlflow_ser
     wait_for(lambda: all(running_trial(poll, study, m.pid) for m in machines), 120, "both machines to run a trial")
     poll.engine.dispose()
     postgres.stop()
-    try:  # back only once both coordinators have hit the outage (an event, not a guess at how long that takes)
-        wait_for(lambda: all("does not answer" in m.output for m in machines), 120, "both machines to notice the outage")
+    # Back only once a coordinator has hit the outage (an event, not a guess at how long that takes). Not both:
+    # one caught inside an MLflow call waits in MLflow's own HTTP retries, which say nothing (a known limit);
+    # what matters is that both come through with nothing lost or run twice.
+    try:
+        wait_for(lambda: any("does not answer" in m.output for m in machines), 120, "a machine to notice the outage")
     finally:  # the cluster serves the session's other tests
         postgres.start()
     for machine in machines:
