@@ -70,8 +70,10 @@ gpu-bundle: install
 gpu-check-command: gpu-bundle
 	@$(BIN)/python -m harness.gpu_check --print-command
 
-# Mutation testing of harness/{dropout,model,train}.py against the fast tests ([tool.mutmut] in pyproject.toml),
-# then the score per file. One mutant at a time by default, one torch thread each: every mutant runs CPU tests.
+# Mutation testing of harness/{dropout,model,train,ledger}.py against the fast tests ([tool.mutmut] in
+# pyproject.toml), then the score per file. One mutant at a time by default, one torch thread each: every mutant
+# runs CPU tests. mutmut keeps the verdicts of functions whose code did not change: after adding tests,
+# `rm -rf mutants` first, or survivors the new tests kill still show as survivors.
 MUTANT_CHILDREN ?= 1
 mutants: install
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTANT_CHILDREN)

@@ -118,7 +118,8 @@ class Ablation:
             "optuna_study": optuna_name(self.study, claim.variant, claim.phase),
             **({"retry_of": claim.retry_of} if claim.retry_of is not None else {}),
         })
-        self.ledger.annotate(claim, {"device": slot.device, "coordinator": self.coordinator, "mlflow_run_id": run_id})
+        self.ledger.annotate(claim, {"device": slot.device, "coordinator": self.coordinator, "mlflow_run_id": run_id,
+                                     "attempt": claim.attempt})
         self.live[claim.key] = _Live(claim, run_id)
         checkpoints = self.runs_dir / self.study.name / claim.variant / claim.phase / f"trial-{claim.number}"
         # A claimed trial is always new (a retry gets a new number): what its folder holds is another run's.

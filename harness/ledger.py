@@ -58,7 +58,8 @@ def open_storage(url: str, heartbeat: int = HEARTBEAT) -> RDBStorage:
         try:
             return RDBStorage(url)
         except sqlalchemy.exc.DatabaseError as err:
-            raise UserError(f"--storage {url}: {path} is not an Optuna SQLite database ({error_reason(err)}); "
+            # check_sqlite has read the file; what is left is e.g. a lock held past SQLite's busy timeout.
+            raise UserError(f"--storage {url}: {path} cannot be opened as an Optuna database ({error_reason(err)}); "
                             "pass the --storage the study ran with, or a new file name") from None
     if not is_postgres(url):
         raise UserError(f"--storage {redact(url)}: use sqlite:///FILE (one machine) or "
@@ -255,7 +256,7 @@ def search_space(study: StudyConfig, variant: str) -> dict:
     """Distributions of the variant's searched parameters, named like the config keys they set."""
     arm = study.variants[variant]
     space = {
-        f"dropout.{site}": FloatDistribution(rng.low, rng.high, log=rng.log)
+        f"dropout.{site}": FloatDistribution(rng.low, rng.high)  # rates are searched on a linear scale
         for site, rng in study.search.rates.items()
         if site in arm.sites
     }
@@ -289,11 +290,11 @@ def make_sampler(study: StudyConfig, variant: str, number: int):
     """
     per_trial = _seed(study.search.seed, variant, number)
     if study.search.sampler == "qmc":
-        # The Sobol sequence itself is one seeded sequence whose position Optuna keeps in the storage; only
-        # the draws made before the first trial finishes (the independent sampler) need the per-trial seed.
+        # The Sobol sequence itself is one seeded sequence whose position Optuna keeps in the storage. QMC
+        # falls back to its independent sampler only while no trial has parameters yet (a claim racing the
+        # paper-rate trial's): seeded per trial too, so that draw is reproducible as well.
         return optuna.samplers.QMCSampler(scramble=True, seed=_seed(study.search.seed, variant),
-                                          independent_sampler=optuna.samplers.RandomSampler(seed=per_trial),
-                                          warn_asynchronous_seeding=False, warn_independent_sampling=False)
+                                          independent_sampler=optuna.samplers.RandomSampler(seed=per_trial))
     # constant_liar: trials running in parallel count as bad results, so parallel slots explore apart.
     return optuna.samplers.TPESampler(seed=per_trial, n_startup_trials=max(2, study.budget.trials // 3),
                                       constant_liar=True)
@@ -405,7 +406,7 @@ class Ledger:
                 ostudy.set_metric_names([OBJECTIVE])  # optuna-dashboard and the CLI show val_ppl, not "value"
             if phase == SEARCH and search_space(self.study, variant):
                 ostudy.enqueue_trial(default_params(self.study, variant),
-                                     user_attrs={"attempt": 1, "origin": "paper rates"})
+                                     user_attrs={"origin": "paper rates"})
         else:
             self._check_identity(ostudy)
         if phase == SEARCH:
@@ -414,7 +415,7 @@ class Ledger:
             # enqueueing it.
             tally = tally_trials(ostudy.get_trials(deepcopy=False))
             for _ in range(trials_for(self.study, variant) - tally.settled - tally.running - tally.waiting):
-                ostudy.enqueue_trial({}, user_attrs={"attempt": 1})
+                ostudy.enqueue_trial({})  # attempt 1: a trial without "attempt" is on its first
         return ostudy
 
     def _uid(self) -> str:
@@ -675,7 +676,7 @@ class Ledger:
             params, value, number = best
             for seed in self.study.budget.confirm_seeds:
                 self.studies[(variant, CONFIRM)].enqueue_trial(params, user_attrs={
-                    "seed": seed, "attempt": 1, "search_best_val_ppl": value, "search_trial": number})
+                    "seed": seed, "search_best_val_ppl": value, "search_trial": number})
         return best
 
     # --- reading, for the report --------------------------------------------------------------------

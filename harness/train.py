@@ -440,8 +440,8 @@ def _save(path: Path, payload: dict) -> None:
             os.fsync(out.fileno())
         tmp.replace(path)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # also when the write failed before the file existed
+            tmp.unlink()
         code = errno.errorcode.get(err.errno)
         cause = f"{err.strerror or err}, {code}" if code else f"{err.strerror or err}"
         raise CheckpointError(f"cannot write the checkpoint {path} ({cause}); free some space or choose a writable "

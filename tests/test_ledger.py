@@ -4,15 +4,27 @@ Each test pins one rule whose violation would change a reported number: the budg
 pruning and its warm-up, the confirmation's parameters, resumed searches, identity checks, outages.
 """
 
+import contextlib
+import json
+import socket
+import threading
+import warnings
+
 import optuna
 import pytest
 import sqlalchemy
-from optuna.storages import InMemoryStorage
+from optuna.distributions import FloatDistribution
+from optuna.storages import InMemoryStorage, RDBStorage
 from optuna.trial import TrialState
+from shared_stores import free_port
 
 from harness.config import load_study
 from harness.errors import UserError
-from harness.ledger import CONFIRM, SEARCH, Ledger, Tally, make_pruner, optuna_name, tally_trials
+from harness.ledger import (
+    CONFIRM, RECONNECT_SECONDS, SEARCH, Heartbeat, Ledger, Tally, check_storage, dashboard_command, default_params,
+    holds_study, is_shared, make_pruner, open_storage, optuna_name, search_space, tally_trials,
+)
+from harness.stores import STALE_AFTER
 
 STUDY = """
 [study]
@@ -314,3 +326,568 @@ def test_parameter_importances_need_enough_finished_trials(tmp_path):
     importances = ledger.importances("awd", 5)
     assert max(importances, key=importances.get) == "dropout.input"
     assert sum(importances.values()) == pytest.approx(1.0)
+
+
+# --- the storage --------------------------------------------------------------------------------------------
+def test_open_storage_opens_a_sqlite_file_and_refuses_what_would_not_work(tmp_path, monkeypatch):
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    assert isinstance(storage, RDBStorage) and not is_shared(storage) and optuna.get_all_study_names(storage) == []
+    check_storage(f"sqlite:///{tmp_path / 'study.db'}")  # the same file again: no error
+    refused = {
+        "sqlite:///:memory:": "--storage sqlite:///:memory:: an in-memory database vanishes",
+        "mysql://u:pw@h/db": "--storage mysql://u:***@h/db: use sqlite:///FILE (one machine) or "
+                             "postgresql://USER@HOST:PORT/DB (shared by several machines)",
+        "postgresql://u:p@ss@127.0.0.1:1/db": "--storage postgresql://u:***@127.0.0.1:1/db: the password holds '@'",
+    }
+    for url, message in refused.items():
+        with pytest.raises(UserError) as err:
+            open_storage(url)
+        assert str(err.value).startswith(message), str(err.value)
+    with pytest.raises(UserError, match=r"^--heartbeat 0: must be at least 1 second$"):
+        open_storage("postgresql://u:pw@127.0.0.1:1/db", heartbeat=0)
+
+    # What SQLite itself refuses once the file has been checked (e.g. a lock held past its busy timeout).
+    def locked(url, **kwargs):
+        raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("database is locked"))
+
+    monkeypatch.setattr("harness.ledger.RDBStorage", locked)
+    with pytest.raises(UserError) as err:
+        open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    assert str(err.value) == (f"--storage sqlite:///{tmp_path / 'study.db'}: {tmp_path / 'study.db'} cannot be opened "
+                              "as an Optuna database (database is locked); pass the --storage the study ran with, or "
+                              "a new file name")
+
+
+def test_an_unreachable_postgresql_is_named_without_its_password():
+    port = free_port()  # nothing listens there
+    url = f"postgresql://harness:s3cret-pw@127.0.0.1:{port}/db"
+    for heartbeat in (1, 60):  # 1 second is the least heartbeat allowed
+        with pytest.raises(UserError) as err:
+            open_storage(url, heartbeat=heartbeat)
+        message = str(err.value)
+        assert message.startswith(f"cannot reach the Optuna storage postgresql://harness:***@127.0.0.1:{port}/db (")
+        assert "refused" in message.lower() and "s3cret-pw" not in message
+        assert message.endswith("); start PostgreSQL there or fix --storage (host, port, database, user; the password "
+                                "in the URL or in PGPASSWORD)")
+    with pytest.raises(UserError, match="cannot reach"):
+        check_storage(url)
+
+
+def test_open_storage_on_postgresql_beats_and_survives_a_server_restart(postgres):
+    url = postgres.create_database("ledger_open_storage")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        storage = open_storage(url, heartbeat=7)
+    assert not [w for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
+    assert is_shared(storage) and storage.get_heartbeat_interval() == 7 and storage.grace_period == STALE_AFTER * 7
+    check_storage(url)
+    optuna.create_study(storage=storage, study_name="before the restart")
+    postgres.stop()
+    postgres.start()
+    # The pooled connection died with the server: the storage replaces it instead of failing the next query.
+    assert optuna.get_all_study_names(storage) == ["before the restart"]
+    storage.engine.dispose()
+
+
+def test_a_postgresql_that_does_not_answer_is_reported_within_seconds():
+    # A port that accepts connections but never answers (a server hung, or a firewall that swallows packets):
+    # without a connect timeout (5 s) the driver would wait forever. The watchdog (30 s, room for a loaded
+    # machine) keeps this test from hanging.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"postgresql://harness:pw@127.0.0.1:{silent.getsockname()[1]}/db"
+        outcome = []
+        worker = threading.Thread(target=lambda: outcome.append(_raised(open_storage, url)), daemon=True)
+        worker.start()
+        worker.join(timeout=30)
+        assert not worker.is_alive(), "open_storage still waits for a server that never answers"
+    assert isinstance(outcome[0], UserError) and "timeout expired" in str(outcome[0])
+
+
+def _raised(function, *args):
+    try:
+        function(*args)
+    except Exception as err:  # handed to the test's thread, which asserts what it was
+        return err
+    return None
+
+
+def test_dashboard_command_names_the_storage_without_its_password():
+    assert dashboard_command("sqlite:///optuna.db") == "make dashboard  (or: optuna-dashboard sqlite:///optuna.db)"
+    assert dashboard_command("sqlite:///my runs/o.db") == (
+        "make dashboard STORAGE='sqlite:///my runs/o.db'  (or: optuna-dashboard 'sqlite:///my runs/o.db')")
+    assert dashboard_command("postgresql://u:pw@h:5432/db") == (
+        "make dashboard STORAGE='postgresql://u:***@h:5432/db'  (or: optuna-dashboard 'postgresql://u:***@h:5432/db')")
+
+
+def heartbeat_storage(tmp_path, interval=1, grace=3):
+    """A SQLite storage that records heartbeats (Optuna supports them on SQLite too), and the beats it got."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = RDBStorage(f"sqlite:///{tmp_path / 'beats.db'}", heartbeat_interval=interval, grace_period=grace)
+    beats, beaten = [], threading.Event()
+    real = storage.record_heartbeat
+
+    def record(trial_id):
+        real(trial_id)
+        beats.append(trial_id)
+        beaten.set()
+
+    storage.record_heartbeat = record
+    return storage, beats, beaten
+
+
+def test_the_heartbeat_thread_beats_for_the_running_trials_until_it_stops(tmp_path):
+    storage, beats, beaten = heartbeat_storage(tmp_path)
+    trial = optuna.create_study(storage=storage).ask()
+    heartbeat = Heartbeat(storage)
+    assert (heartbeat.interval, heartbeat.grace) == (1, 3)
+    heartbeat.add(trial._trial_id)
+    with heartbeat:
+        # Event-based: the first beat comes after one interval (1 s); 20 s leaves room for a loaded machine.
+        assert beaten.wait(timeout=20), "no heartbeat within 20 s"
+        assert heartbeat.thread.daemon  # a coordinator that dies without leaving the block is not kept alive
+    assert not heartbeat.thread.is_alive() and set(beats) == {trial._trial_id}
+    heartbeat.discard(trial._trial_id)
+    beats.clear()
+    heartbeat.beat_all()
+    assert beats == []
+    with pytest.raises(KeyError), Heartbeat(storage):  # the block's own error goes through
+        raise KeyError("from the block")
+
+
+def test_a_heartbeat_the_storage_refuses_is_tried_again_at_the_next_interval(tmp_path):
+    storage, beats, beaten = heartbeat_storage(tmp_path)
+    trial = optuna.create_study(storage=storage).ask()
+    record, calls = storage.record_heartbeat, []
+
+    def flaky(trial_id):
+        calls.append(trial_id)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.OperationalError("UPDATE", {}, Exception("server closed the connection"))
+        record(trial_id)
+
+    storage.record_heartbeat = flaky
+    heartbeat = Heartbeat(storage)
+    heartbeat.add(trial._trial_id)
+    with heartbeat:
+        assert beaten.wait(timeout=20), "the heartbeat thread died with the storage's first error"
+    assert calls[:2] == [trial._trial_id] * 2
+
+
+def test_without_heartbeats_nothing_beats(tmp_path):
+    heartbeat = Heartbeat(InMemoryStorage())
+    assert (heartbeat.interval, heartbeat.grace) == (None, None)
+    with heartbeat:
+        heartbeat.add(0)
+        heartbeat.beat(0)  # a no-op, not an error
+        assert not heartbeat.thread.is_alive()
+
+
+# --- the search's parts ---------------------------------------------------------------------------------------
+def test_tally_counts_every_trial_of_a_state():
+    trials = [optuna.trial.create_trial(state=TrialState.PRUNED) for _ in range(2)]
+    trials += [_Fake(TrialState.RUNNING, {}) for _ in range(3)]
+    assert tally_trials(trials) == Tally(pruned=2, running=3)
+
+
+def lr_study(tmp_path, lr_range):
+    path = tmp_path / "lr.toml"
+    path.write_text(STUDY.format(trials=3, pruner="none", warmup=1, sampler="tpe")
+                    .replace("seed = 3\n", f"seed = 3\nlr = {lr_range}\n"))
+    return load_study(path)
+
+
+@pytest.mark.parametrize("lr_range, paper_lr", [("[1.0, 40.0]", 30.0), ("[1.0, 10.0]", 10.0)])
+def test_the_learning_rate_is_searched_on_a_log_scale_from_the_paper_value(tmp_path, lr_range, paper_lr):
+    study = lr_study(tmp_path, lr_range)
+    low, high = json.loads(lr_range)
+    space = search_space(study, "awd")
+    assert space["train.lr"] == FloatDistribution(low, high, log=True)
+    assert space["dropout.input"] == FloatDistribution(0.1, 0.6)
+    # The paper's lr (30) goes first, clipped into the range.
+    assert study.fixed.train.lr == 30.0 and default_params(study, "awd")["train.lr"] == paper_lr
+    ledger = open_ledger(study)
+    first = ledger.claim("awd", SEARCH)
+    assert first.params["train.lr"] == paper_lr
+    assert search_space(study, "no_dropout") == {"train.lr": FloatDistribution(low, high, log=True)}
+
+
+def draws(study, variant="awd", objective_=objective, storage=None):
+    """The parameters every search trial of the variant draws, claimed and finished one by one."""
+    ledger = open_ledger(study, storage)
+    out = []
+    while (claim := ledger.claim(variant, SEARCH)) is not None:
+        ledger.finish(claim, objective_(claim.params), {})
+        out.append(claim.params)
+    return out
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "qmc"])
+def test_the_draws_depend_on_the_study_seed_and_the_variant(tmp_path, sampler):
+    path = tmp_path / "twins.toml"
+    text = STUDY.format(trials=5, pruner="none", warmup=1, sampler=sampler).replace(
+        "[variants.awd]\n", '[variants.awd]\n[variants.twin]\nsites = ["input", "hidden", "weight"]\nhidden_mode = "locked"\n')
+    path.write_text(text)
+    study = load_study(path)
+    path.write_text(text.replace("seed = 3", "seed = 4"))
+    reseeded = load_study(path)
+    awd, twin, other_seed = draws(study), draws(study, "twin"), draws(reseeded)
+    assert awd[0] == twin[0] == other_seed[0]  # the paper rates
+    # Two variants with the same space search independently; a new seed is a new search.
+    assert not set(map(repr, awd[1:])) & set(map(repr, twin[1:]))
+    assert not set(map(repr, awd[1:])) & set(map(repr, other_seed[1:]))
+    assert draws(study) == awd  # and the same seed is the same search
+
+
+def test_qmc_covers_each_rate_evenly(tmp_path):
+    # A scrambled Sobol sequence puts 8 points into the 8 eighths of every range, one each; 8 random points
+    # almost never do (probability 8!/8**8 = 0.24 % per range).
+    study = make_study(tmp_path, trials=9, sampler="qmc")
+    points = draws(study)[1:]
+    for site, rng in study.search.rates.items():
+        eighths = sorted(int((p[f"dropout.{site}"] - rng.low) / (rng.high - rng.low) * 8) for p in points)
+        assert eighths == list(range(8)), site
+
+
+def test_qmc_draws_made_in_parallel_are_reproducible_and_silent(tmp_path, caplog):
+    # Trials claimed before any has finished come from QMC's independent sampler, which is seeded per trial too;
+    # that is by design here, so Optuna must not warn about it on every claim.
+    study = make_study(tmp_path, trials=4, sampler="qmc")
+
+    def parallel():
+        ledger = open_ledger(study)
+        return [ledger.claim("awd", SEARCH).params for _ in range(4)]
+
+    optuna.logging.enable_propagation()  # Optuna warns through its logger, which caplog then sees
+    try:
+        with caplog.at_level("WARNING", logger="optuna"):
+            first = parallel()
+    finally:
+        optuna.logging.disable_propagation()
+    assert first == parallel() and len({repr(p) for p in first}) == 4
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+
+
+@pytest.mark.parametrize("trials, startup", [(7, 2), (9, 3)])
+def test_tpe_draws_at_random_for_a_third_of_the_budget_then_learns_from_the_results(tmp_path, trials, startup):
+    study = make_study(tmp_path, trials=trials)
+    low = draws(study, objective_=objective)
+    high = draws(study, objective_=lambda p: 200 - objective(p))  # the opposite landscape
+    # Trial 0 is the paper rates; the first `startup` trials finish before TPE starts to model them, so draws
+    # 1..startup-1 are the seeded random ones whatever the results, and draw `startup` already depends on them.
+    assert low[:startup] == high[:startup]
+    assert low[startup] != high[startup]
+
+
+def test_a_trial_running_elsewhere_counts_as_a_bad_result_for_the_next_draw(tmp_path):
+    # TPE's constant liar: parallel slots explore apart instead of drawing next to each other.
+    study = make_study(tmp_path, trials=8)
+
+    def next_draw(still_running: bool):
+        ledger = open_ledger(study)
+        for _ in range(5):  # past TPE's random start-up
+            claim = ledger.claim("awd", SEARCH)
+            ledger.finish(claim, objective(claim.params), {})
+        elsewhere = ledger.claim("awd", SEARCH)
+        if not still_running:
+            ledger.fail(elsewhere, "gone", interrupted=True)  # same trial numbers, but nothing runs
+        return ledger.claim("awd", SEARCH).params
+
+    assert next_draw(still_running=True) != next_draw(still_running=False)
+
+
+def test_the_median_pruner_starts_after_the_configured_trials(tmp_path):
+    study = make_study(tmp_path, trials=4, pruner="median", warmup=0)  # pruner_startup_trials = 1
+    ledger = open_ledger(study)
+    first = ledger.claim("awd", SEARCH)
+    assert ledger.report_epoch(first, 1, 100.0)
+    ledger.finish(first, 100.0, {})
+    second = ledger.claim("awd", SEARCH)
+    assert not ledger.report_epoch(second, 1, 500.0)  # one finished trial is enough to compare with
+
+
+# --- opening the ledger ----------------------------------------------------------------------------------------
+def test_the_ledger_records_what_each_optuna_study_is(tmp_path):
+    study = make_study(tmp_path, trials=3)
+    ledger = open_ledger(study)
+    search, confirm = ledger.studies[("awd", SEARCH)], ledger.studies[("awd", CONFIRM)]
+    assert (search.user_attrs["variant"], search.user_attrs["phase"]) == ("awd", SEARCH)
+    assert (confirm.user_attrs["variant"], confirm.user_attrs["phase"]) == ("awd", CONFIRM)
+    assert search.direction == optuna.study.StudyDirection.MINIMIZE
+    waiting = search.get_trials(states=(TrialState.WAITING,))
+    assert [t.user_attrs for t in waiting] == [{"origin": "paper rates"}, {}, {}]
+    # A trial that has not failed yet is on its first attempt, and a failure of it is retried once.
+    ledger.claim("awd", SEARCH)
+    second = ledger.claim("awd", SEARCH)
+    assert second.attempt == 1 and second.retry_of is None and ledger.fail(second, "boom") is True
+
+
+def test_a_second_coordinator_does_not_add_to_the_budget(tmp_path):
+    study = make_study(tmp_path, trials=4)
+    storage = InMemoryStorage()
+    first = open_ledger(study, storage)
+    first.claim("awd", SEARCH), first.claim("awd", SEARCH)  # two trials run on the first machine
+    second = open_ledger(study, storage)
+    assert second.tally("awd", SEARCH) == Tally(running=2, waiting=2)
+    assert second.uid == first.uid and len(first.uid) == 32 and int(first.uid, 16) >= 0
+    assert open_ledger(study).uid != first.uid  # another storage, another study
+
+
+def test_a_study_of_one_variant(tmp_path):
+    path = tmp_path / "one.toml"
+    path.write_text(STUDY.format(trials=2, pruner="none", warmup=1, sampler="tpe").replace("[variants.no_dropout]\n",
+                                                                                           ""))
+    study = load_study(path)
+    ledger = open_ledger(study)
+    assert ledger.variants == ["awd"] and len(ledger.uid) == 32
+    assert len(run_search(ledger)) == 2
+
+
+def test_the_report_opens_an_existing_study_and_nothing_else(tmp_path):
+    study = make_study(tmp_path, trials=2)
+    storage = InMemoryStorage()
+    identity = study.identity({"train": "a", "valid": "b", "test": "c"}, {"train": "/corpus/train.txt"})
+    assert not holds_study(storage, study)
+    with pytest.raises(UserError, match=r"^InMemoryStorage holds no Optuna study of 'ledger'$"):
+        Ledger(study, storage, identity, log=lambda *a: None, create=False)
+    writer = open_ledger(study, storage)
+    run_search(writer)
+    assert holds_study(storage, study)
+    optuna.delete_study(study_name=optuna_name(study, "awd", CONFIRM), storage=storage)
+    assert holds_study(storage, study)
+    reader = Ledger(study, storage, identity, log=lambda *a: None, create=False)
+    assert set(reader.studies) == set(writer.studies) - {("awd", CONFIRM)}
+    assert reader.has("awd", SEARCH) and not reader.has("awd", CONFIRM)
+    assert reader.tally("awd", SEARCH) == Tally(finished=2) and reader.tally("awd", CONFIRM) == Tally()
+    assert optuna.get_all_study_names(storage).count(optuna_name(study, "awd", SEARCH)) == 1
+    changed = study.identity({"train": "z", "valid": "b", "test": "c"}, {"train": "/corpus/train.txt"})
+    with pytest.raises(UserError, match=r"/corpus/train.txt \(MD5 a -> z\).*in InMemoryStorage\)$"):
+        Ledger(study, storage, changed, log=lambda *a: None, create=False)
+
+
+def test_a_refusal_names_the_storage_it_came_from(tmp_path):
+    study = make_study(tmp_path)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    open_ledger(study, open_storage(url))
+    with pytest.raises(UserError) as err:
+        open_ledger(make_study(tmp_path, trials=5), open_storage(url))
+    assert str(err.value).endswith(f"in {url})")
+
+
+def fake_shared(monkeypatch, storage):
+    """Make the ledger treat `storage` (SQLite with heartbeats) as shared; returns the study locks it took."""
+    locks = []
+
+    @contextlib.contextmanager
+    def lock(engine, key):
+        locks.append((engine, key))
+        yield
+
+    monkeypatch.setattr("harness.ledger.is_shared", lambda s: s is storage)
+    monkeypatch.setattr("harness.ledger.advisory_lock", lock)
+    return locks
+
+
+def test_machines_must_agree_on_the_heartbeat(tmp_path, monkeypatch):
+    study = make_study(tmp_path)
+    storage, _, _ = heartbeat_storage(tmp_path, interval=7, grace=21)
+    locks = fake_shared(monkeypatch, storage)
+    ledger = open_ledger(study, storage)
+    assert ledger.shared and ledger.studies[("no_dropout", SEARCH)].user_attrs["heartbeat_seconds"] == 7
+    assert locks and all(lock == (storage.engine, "harness study ledger") for lock in locks)
+    open_ledger(study, storage)  # the same heartbeat: welcome
+    faster, _, _ = heartbeat_storage(tmp_path, interval=3, grace=9)  # the same file, beating every 3 s
+    fake_shared(monkeypatch, faster)
+    with pytest.raises(UserError, match=r"^--heartbeat 3: the machines on this study beat every 7 s; pass "
+                                        r"--heartbeat 7$"):
+        open_ledger(study, faster)
+
+
+# --- patience while the storage is away -----------------------------------------------------------------------
+class Clock:
+    """time.monotonic for the ledger, moved by hand; time.sleep moves it too."""
+
+    def __init__(self, monkeypatch, now=1000.0):
+        self.now = now
+        monkeypatch.setattr("harness.ledger.time.monotonic", lambda: self.now)
+        monkeypatch.setattr("harness.ledger.time.sleep", self.sleep)
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+def test_the_ledger_gives_up_once_the_storage_has_been_away_too_long(tmp_path, monkeypatch):
+    ledger = open_ledger(make_study(tmp_path))
+    lines = []
+    ledger.log = lines.append
+    clock = Clock(monkeypatch)
+    away = sqlalchemy.exc.OperationalError("SELECT", {}, Exception("server closed the connection"))
+    ledger._outage(away)
+    assert lines == ["the Optuna storage InMemoryStorage does not answer (OperationalError); retrying for up to "
+                     f"{RECONNECT_SECONDS} s"]
+    clock.now += RECONNECT_SECONDS
+    ledger._outage(away)  # exactly the limit: still waiting
+    clock.now += 1
+    with pytest.raises(UserError) as err:
+        ledger._outage(away)
+    assert str(err.value) == (f"the Optuna storage InMemoryStorage did not answer for {RECONNECT_SECONDS} s; the "
+                              "trials running here will be retried by the other machines, or when this command is "
+                              "run again")
+
+
+def test_after_an_outage_no_trial_is_judged_stale_until_the_machines_could_beat_again(tmp_path, monkeypatch):
+    ledger = open_ledger(make_study(tmp_path, trials=2))
+    lines = []
+    ledger.log = lines.append
+    clock = Clock(monkeypatch)
+    orphan = ledger.claim("awd", SEARCH)
+    ledger.heartbeat.grace = 30  # as on a storage with heartbeats
+    ledger._outage(OSError("away"))
+    clock.now += 42
+    ledger._reconnected()
+    assert lines[-1] == "the Optuna storage answers again after 42 s"
+    clock.now += 29
+    assert ledger.sweep(running_here=set()) == []
+    clock.now += 2
+    assert [s.number for s in ledger.sweep(running_here=set())] == [orphan.number]
+    ledger._outage(OSError("away again"))  # a second outage is announced like the first
+    assert "does not answer (OSError)" in lines[-1]
+
+
+def test_right_after_a_short_outage_without_heartbeats_the_sweep_runs(tmp_path, monkeypatch):
+    ledger = open_ledger(make_study(tmp_path, trials=2))
+    Clock(monkeypatch)
+    orphan = ledger.claim("awd", SEARCH)
+    ledger._outage(OSError("away"))
+    ledger._reconnected()
+    assert [s.number for s in ledger.sweep(running_here=set())] == [orphan.number]
+
+
+# --- settled, due, remaining, complete ----------------------------------------------------------------------------
+def test_what_is_due_and_remaining_follows_the_study_to_its_end(tmp_path):
+    study = make_study(tmp_path, trials=2)
+    ledger = open_ledger(study)
+    seeds = len(study.budget.confirm_seeds)  # 3
+    assert ledger.confirmation_due("awd") == seeds and ledger.remaining() == 2 + 1 + 2 * seeds
+    run_search(ledger)
+    run_search(ledger, "no_dropout")
+    assert ledger.search_settled("awd") and not ledger.variant_settled("awd") and not ledger.complete()
+    assert ledger.confirmation_due("awd") == seeds and ledger.remaining() == 2 * seeds  # not enqueued yet
+    ledger.enqueue_confirmation("awd")
+    claim = ledger.claim("awd", CONFIRM)
+    assert ledger.confirmation_due("awd") == seeds and ledger.remaining() == 2 * seeds - 1
+    ledger.fail(claim, "SIGTERM", interrupted=True)  # its retry waits: still due
+    assert ledger.confirmation_due("awd") == seeds and ledger.remaining() == 2 * seeds
+    for i in range(seeds):
+        claim = ledger.claim("awd", CONFIRM)
+        ledger.finish(claim, 100.0 + i, {"test_ppl": 90.0 + claim.seed})
+        assert ledger.confirmation_due("awd") == seeds - 1 - i
+    assert ledger.variant_settled("awd") and not ledger.complete()
+    assert ledger.confirmation_results("awd") == {1: 91.0, 2: 92.0, 3: 93.0}
+    ledger.enqueue_confirmation("no_dropout")
+    while (claim := ledger.claim("no_dropout", CONFIRM)) is not None:
+        ledger.fail(claim, "boom")
+        if (retry := ledger.claim("no_dropout", CONFIRM)) is not None:
+            ledger.fail(retry, "boom again")
+    # Confirmation runs that failed for good are not enqueued again: nothing is left.
+    assert ledger.confirmation_due("no_dropout") == 0 and ledger.remaining() == 0 and ledger.complete()
+    assert ledger.tally("no_dropout", CONFIRM) == Tally(failed=seeds, retried=seeds)
+
+
+def test_confirmation_owed_counts_each_seed_once_whatever_its_runs_did(tmp_path):
+    path = tmp_path / "two.toml"
+    path.write_text(STUDY.format(trials=1, pruner="none", warmup=1, sampler="tpe")
+                    .replace("confirm_seeds = [1, 2, 3]", "confirm_seeds = [1, 2]"))
+    ledger = open_ledger(load_study(path))
+    run_search(ledger)
+    ledger.enqueue_confirmation("awd")
+    ledger.finish(ledger.claim("awd", CONFIRM), 100.0, {})
+    second = ledger.claim("awd", CONFIRM)
+    assert ledger.confirmation_due("awd") == 1  # one finished, one running
+    ledger.fail(second, "SIGTERM", interrupted=True)
+    ledger.fail(ledger.claim("awd", CONFIRM), "SIGTERM", interrupted=True)
+    assert ledger.tally("awd", CONFIRM) == Tally(finished=1, interrupted=2, waiting=1)
+    assert ledger.confirmation_due("awd") == 1  # interrupted twice, once owed
+
+
+def test_a_study_without_confirmation_seeds_owes_none(tmp_path):
+    path = tmp_path / "noconfirm.toml"
+    path.write_text(STUDY.format(trials=1, pruner="none", warmup=1, sampler="tpe")
+                    .replace("confirm_seeds = [1, 2, 3]", "confirm_seeds = []"))
+    ledger = open_ledger(load_study(path))
+    assert ledger.confirmation_due("awd") == 0 and ledger.remaining() == 2
+    run_search(ledger), run_search(ledger, "no_dropout")
+    assert ledger.enqueue_confirmation("awd") is None and ledger.complete()
+
+
+def test_a_search_with_a_trial_still_running_has_not_settled(tmp_path):
+    ledger = open_ledger(make_study(tmp_path, trials=1))
+    run_search(ledger)
+    assert ledger.search_settled("awd")
+    ledger.studies[("awd", SEARCH)].ask()  # e.g. a trial an older coordinator started outside the queue
+    assert not ledger.search_settled("awd") and ledger.enqueue_confirmation("awd") is None
+
+
+# --- telling and failing -------------------------------------------------------------------------------------------
+def test_a_tell_repeated_after_a_lost_reply_is_recognised(tmp_path):
+    ledger = open_ledger(make_study(tmp_path, trials=2))
+    finished, pruned = ledger.claim("awd", SEARCH), ledger.claim("awd", SEARCH)
+    assert ledger.finish(finished, 120.0, {})
+    assert ledger.finish(finished, 120.0, {}) is True  # the same tell again: it took
+    assert ledger.finish(finished, 121.0, {}) is False and ledger.prune(finished) is False
+    assert ledger.prune(pruned) and ledger.prune(pruned) is True and ledger.finish(pruned, 120.0, {}) is False
+
+
+def test_a_tell_that_loses_the_race_with_a_stale_verdict_is_refused(tmp_path, monkeypatch):
+    ledger = open_ledger(make_study(tmp_path, trials=2))
+    claim = ledger.claim("awd", SEARCH)
+    seen_running = ledger.storage.get_trial(claim.trial_id)
+    ledger.sweep(running_here=set())  # another machine fails it right after this one read it
+    monkeypatch.setattr(ledger.storage, "get_trial", lambda trial_id: seen_running)
+    assert ledger.finish(claim, 100.0, {"test_ppl": 1.0}) is False
+
+
+def test_finishing_records_the_attributes_and_stops_the_trials_heartbeat(tmp_path):
+    storage, beats, _ = heartbeat_storage(tmp_path)
+    ledger = open_ledger(make_study(tmp_path, trials=3), storage)
+    finished, pruned, failed = (ledger.claim("awd", SEARCH) for _ in range(3))
+    ledger.finish(finished, 120.0, {"best_epoch": 4})
+    ledger.prune(pruned)
+    ledger.fail(failed, "boom")
+    assert storage.get_trial(finished.trial_id).user_attrs["best_epoch"] == 4
+    beats.clear()
+    ledger.heartbeat.beat_all()
+    assert beats == []
+
+
+def test_a_failure_keeps_its_reason_and_the_retry_keeps_only_what_belongs_to_the_trial(tmp_path):
+    study = make_study(tmp_path, trials=1)
+    ledger = open_ledger(study)
+    run_search(ledger)
+    ledger.enqueue_confirmation("awd")
+    claim = ledger.claim("awd", CONFIRM)
+    ledger.annotate(claim, {"mlflow_run_id": "abc", "coordinator": "host/1", "device": "cpu"})
+    reason = "Traceback ...\n" + "x" * 3000 + "\nRuntimeError: out of memory"
+    assert ledger.fail(claim, reason) is True
+    failed = ledger.storage.get_trial(claim.trial_id).user_attrs
+    assert failed["fail_reason"] == reason[-2000:] and failed["fail_reason"].endswith("out of memory")
+    retry = next(t for t in ledger.studies[("awd", CONFIRM)].get_trials(states=(TrialState.WAITING,))
+                 if t.user_attrs.get("retry_of") == claim.number)
+    assert retry.user_attrs == {"seed": claim.seed, "search_best_val_ppl": failed["search_best_val_ppl"],
+                                "search_trial": failed["search_trial"], "attempt": 2, "retry_of": claim.number}
+
+
+def test_hyperband_prunes_parallel_trials_before_any_has_finished(tmp_path):
+    # Its rungs come from the study's epochs, not from a first finished trial: parallel workers are pruned too.
+    study = make_study(tmp_path, trials=8, pruner="hyperband", warmup=1)
+    ledger = open_ledger(study)
+    claims = [ledger.claim("awd", SEARCH) for _ in range(8)]
+    verdicts = {}
+    for epoch in range(1, 4):
+        for i, claim in enumerate(claims):
+            if claim.number not in verdicts and not ledger.report_epoch(claim, epoch, 100.0 * (i + 1) + epoch):
+                verdicts[claim.number] = epoch
+                ledger.prune(claim)
+    assert verdicts and ledger.tally("awd", SEARCH).finished == 0
