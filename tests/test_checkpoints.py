@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from harness.data import Corpus
-from harness.train import CheckpointError, check_splits, clear_checkpoints, train_model
 from harness.errors import UserError
+from harness.train import CheckpointError, check_splits, clear_checkpoints, train_model
 from test_train import config, tiny_corpus
 
 START_OVER = "pass --fresh to start over, or --out for a new folder"
@@ -29,8 +29,9 @@ START_OVER = "pass --fresh to start over, or --out for a new folder"
                             "(0 = the whole split)"),
     ({"eval_batch_size": 301}, "train.eval_batch_size = 301 is too large for the valid split of tiny (600 tokens): "
                                "each of its columns needs at least 2 tokens; use at most 300"),
-    ({"valid_tokens": 3, "eval_batch_size": 2}, "train.eval_batch_size = 2 is too large for the valid split of tiny "
-                                                "(3 tokens): each of its columns needs at least 2 tokens; use at most 1"),
+    ({"valid_tokens": 3, "eval_batch_size": 2},
+     "train.eval_batch_size = 2 is too large for the valid split of tiny (3 tokens): each of its columns needs at "
+     "least 2 tokens; use at most 1"),
     ({"test_batch_size": 301}, "train.test_batch_size = 301 is too large for the test split of tiny (600 tokens): "
                                "each of its columns needs at least 2 tokens; use at most 300"),
     ({"bptt": 750}, "train.bptt = 750 is longer than the 749 steps each of the 4 training columns holds; use at "
@@ -204,7 +205,8 @@ def test_clear_checkpoints_deletes_what_runs_write_and_nothing_else(tmp_path, mo
     os.replace(tmp_path / "link", tmp_path / "last.pt")  # a checkpoint name that is a link: deleted, not followed
     deleted = clear_checkpoints(tmp_path)
     assert sorted(p.name for p in deleted) == leftovers
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
     assert clear_checkpoints(tmp_path / "never made") == []
 
 

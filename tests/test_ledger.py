@@ -54,9 +54,14 @@ max_retries = 1
 """
 
 
-def make_study(tmp_path, trials=4, pruner="none", warmup=2, sampler="tpe"):
-    path = tmp_path / "ledger.toml"
-    path.write_text(STUDY.format(trials=trials, pruner=pruner, warmup=warmup, sampler=sampler))
+def make_study(tmp_path, trials=4, pruner="none", warmup=2, sampler="tpe", edits=(), name="ledger.toml"):
+    """The test study with these settings; `edits` are (old, new) text replacements made in its file."""
+    text = STUDY.format(trials=trials, pruner=pruner, warmup=warmup, sampler=sampler)
+    for old, new in edits:
+        assert old in text, old
+        text = text.replace(old, new)
+    path = tmp_path / name
+    path.write_text(text)
     return load_study(path)
 
 
@@ -492,16 +497,9 @@ def test_tally_counts_every_trial_of_a_state():
     assert tally_trials(trials) == Tally(pruned=2, running=3)
 
 
-def lr_study(tmp_path, lr_range):
-    path = tmp_path / "lr.toml"
-    path.write_text(STUDY.format(trials=3, pruner="none", warmup=1, sampler="tpe")
-                    .replace("seed = 3\n", f"seed = 3\nlr = {lr_range}\n"))
-    return load_study(path)
-
-
 @pytest.mark.parametrize("lr_range, paper_lr", [("[1.0, 40.0]", 30.0), ("[1.0, 10.0]", 10.0)])
 def test_the_learning_rate_is_searched_on_a_log_scale_from_the_paper_value(tmp_path, lr_range, paper_lr):
-    study = lr_study(tmp_path, lr_range)
+    study = make_study(tmp_path, trials=3, edits=[("seed = 3\n", f"seed = 3\nlr = {lr_range}\n")])
     low, high = json.loads(lr_range)
     space = search_space(study, "awd")
     assert space["train.lr"] == FloatDistribution(low, high, log=True)
@@ -526,13 +524,10 @@ def draws(study, variant="awd", objective_=objective, storage=None):
 
 @pytest.mark.parametrize("sampler", ["tpe", "qmc"])
 def test_the_draws_depend_on_the_study_seed_and_the_variant(tmp_path, sampler):
-    path = tmp_path / "twins.toml"
-    text = STUDY.format(trials=5, pruner="none", warmup=1, sampler=sampler).replace(
-        "[variants.awd]\n", '[variants.awd]\n[variants.twin]\nsites = ["input", "hidden", "weight"]\nhidden_mode = "locked"\n')
-    path.write_text(text)
-    study = load_study(path)
-    path.write_text(text.replace("seed = 3", "seed = 4"))
-    reseeded = load_study(path)
+    twin = ("[variants.awd]\n", '[variants.awd]\n[variants.twin]\nsites = ["input", "hidden", "weight"]\n'
+                                 'hidden_mode = "locked"\n')
+    study = make_study(tmp_path, trials=5, sampler=sampler, edits=[twin])
+    reseeded = make_study(tmp_path, trials=5, sampler=sampler, edits=[twin, ("seed = 3", "seed = 4")], name="4.toml")
     awd, twin, other_seed = draws(study), draws(study, "twin"), draws(reseeded)
     assert awd[0] == twin[0] == other_seed[0]  # the paper rates
     # Two variants with the same space search independently; a new seed is a new search.
@@ -636,10 +631,7 @@ def test_a_second_coordinator_does_not_add_to_the_budget(tmp_path):
 
 
 def test_a_study_of_one_variant(tmp_path):
-    path = tmp_path / "one.toml"
-    path.write_text(STUDY.format(trials=2, pruner="none", warmup=1, sampler="tpe").replace("[variants.no_dropout]\n",
-                                                                                           ""))
-    study = load_study(path)
+    study = make_study(tmp_path, trials=2, edits=[("[variants.no_dropout]\n", "")])
     ledger = open_ledger(study)
     assert ledger.variants == ["awd"] and len(ledger.uid) == 32
     assert len(run_search(ledger)) == 2
@@ -797,10 +789,8 @@ def test_what_is_due_and_remaining_follows_the_study_to_its_end(tmp_path):
 
 
 def test_confirmation_owed_counts_each_seed_once_whatever_its_runs_did(tmp_path):
-    path = tmp_path / "two.toml"
-    path.write_text(STUDY.format(trials=1, pruner="none", warmup=1, sampler="tpe")
-                    .replace("confirm_seeds = [1, 2, 3]", "confirm_seeds = [1, 2]"))
-    ledger = open_ledger(load_study(path))
+    two_seeds = ("confirm_seeds = [1, 2, 3]", "confirm_seeds = [1, 2]")
+    ledger = open_ledger(make_study(tmp_path, trials=1, edits=[two_seeds]))
     run_search(ledger)
     ledger.enqueue_confirmation("awd")
     ledger.finish(ledger.claim("awd", CONFIRM), 100.0, {})
@@ -813,10 +803,8 @@ def test_confirmation_owed_counts_each_seed_once_whatever_its_runs_did(tmp_path)
 
 
 def test_a_study_without_confirmation_seeds_owes_none(tmp_path):
-    path = tmp_path / "noconfirm.toml"
-    path.write_text(STUDY.format(trials=1, pruner="none", warmup=1, sampler="tpe")
-                    .replace("confirm_seeds = [1, 2, 3]", "confirm_seeds = []"))
-    ledger = open_ledger(load_study(path))
+    no_seeds = ("confirm_seeds = [1, 2, 3]", "confirm_seeds = []")
+    ledger = open_ledger(make_study(tmp_path, trials=1, edits=[no_seeds]))
     assert ledger.confirmation_due("awd") == 0 and ledger.remaining() == 2
     run_search(ledger), run_search(ledger, "no_dropout")
     assert ledger.enqueue_confirmation("awd") is None and ledger.complete()
