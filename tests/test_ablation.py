@@ -103,13 +103,19 @@ def test_slots_are_exclusive_and_never_idle_while_work_remains(tmp_path, test_co
         else:
             assert running.pop(slot)[0] == key
     assert not running and sum(e[1] == "done" for e in events) == 5
-    # Each time a slot freed with tasks left, the very next scheduling pass started the next one there: at most
-    # the one tick that ends the pass lies between. Counted in passes, not seconds, so load cannot fail it.
-    for i, (t, kind, slot, key, left) in enumerate(source.events):
-        if kind == "done" and left:
-            later = source.events[i + 1:]
-            j = next(j for j, e in enumerate(later) if e[2] == slot)
-            assert later[j][1] == "start" and sum(e[1] == "tick" for e in later[:j]) <= 1
+    # No slot stays free for more than the one tick that ends the pass in which it freed while a task waits to
+    # start. Counted in passes, not seconds, so load cannot fail it; and per slot set, not per slot, because two
+    # slots may free in one pass with a single task left for them (one of them then rightly stays idle).
+    free, idle_ticks = set(), 0
+    for t, kind, slot, key, left in source.events:
+        if kind == "start":
+            free.discard(slot)
+            idle_ticks = 0
+        elif kind == "done":
+            free.add(slot)
+        elif free and left:
+            idle_ticks += 1
+            assert idle_ticks <= 1, f"slots {sorted(free)} stayed free for {idle_ticks} passes with {left} tasks waiting"
 
 
 def test_killed_worker_fails_only_its_trial_and_is_retried(tmp_path, test_corpus):
