@@ -9,17 +9,12 @@ STUDY ?= studies/ablation.toml
 AWD_DATA_DIR ?= $(if $(wildcard ../shared/data/ptb/ptb.train.txt),$(abspath ../shared/data),$(abspath data))
 export AWD_DATA_DIR
 
-# Where `make ablation` and `make ui` keep results (the MLflow and Optuna defaults of `harness ablate`);
-# postgresql://USER@HOST/DB and http://HOST:PORT share them between machines (passwords: PGPASSWORD).
-TRACKING_URI ?= sqlite:///mlflow.db
-STORAGE ?= sqlite:///optuna.db
-# The UIs answer this machine only, unless UI_HOST says otherwise: MLflow's runs (make ui) and Optuna's
-# studies (make dashboard, optuna-dashboard).
-UI_HOST ?= 127.0.0.1
-UI_PORT ?= 5000
-DASHBOARD_PORT ?= 8080
+# Where results go: the harness's own defaults (sqlite:///optuna.db and sqlite:///mlflow.db, harness/study/stores.py)
+# unless set here: STORAGE=postgresql://USER@HOST/DB and TRACKING_URI=http://HOST:PORT share them between machines
+# (passwords: PGPASSWORD). UI_HOST, UI_PORT, DASHBOARD_PORT likewise override `harness ui` / `harness dashboard`.
+STORES = $(if $(STORAGE),--storage $(STORAGE)) $(if $(TRACKING_URI),--tracking-uri $(TRACKING_URI))
 
-.PHONY: install test ablation plan worker report ui dashboard bench clean mutants
+.PHONY: install test test-fast ablation plan worker report ui dashboard bench clean mutants
 
 install: $(VENV)/.installed
 
@@ -28,27 +23,33 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
+# Every CPU test (GPU tests are deselected); test-fast: the in-process tier alone, under a minute.
 test: install
 	$(BIN)/python -m pytest -m "not gpu" -q tests
 
-ablation: install
-	$(BIN)/python -m harness ablate $(STUDY) --storage $(STORAGE) --tracking-uri $(TRACKING_URI)
+test-fast: install
+	$(BIN)/python -m pytest -m "fast and not gpu" -q tests
 
-# Cost before running: runs, epochs, device-hours and wall time on this machine's devices (harness.plan).
+ablation: install
+	$(BIN)/python -m harness ablate $(STUDY) $(STORES)
+
+# Cost before running: runs, epochs, device-hours and wall time on this machine's devices (harness.study.plan).
 plan: install
 	$(BIN)/python -m harness plan $(STUDY)
 
 worker: install
-	$(BIN)/python -m harness worker $(STUDY) --storage $(STORAGE) --tracking-uri $(TRACKING_URI)
+	$(BIN)/python -m harness worker $(STUDY) $(STORES)
 
 report: install
-	$(BIN)/python -m harness report $(STUDY) --storage $(STORAGE) --tracking-uri $(TRACKING_URI)
+	$(BIN)/python -m harness report $(STUDY) $(STORES)
 
 ui: install
-	$(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) --host $(UI_HOST) --port $(UI_PORT)
+	$(BIN)/python -m harness ui $(if $(TRACKING_URI),--tracking-uri $(TRACKING_URI)) $(if $(UI_HOST),--host $(UI_HOST)) \
+		$(if $(UI_PORT),--port $(UI_PORT))
 
 dashboard: install
-	$(BIN)/optuna-dashboard $(STORAGE) --host $(UI_HOST) --port $(DASHBOARD_PORT)
+	$(BIN)/python -m harness dashboard $(if $(STORAGE),--storage $(STORAGE)) $(if $(UI_HOST),--host $(UI_HOST)) \
+		$(if $(DASHBOARD_PORT),--port $(DASHBOARD_PORT))
 
 bench: install
 	$(BIN)/python -m harness bench
@@ -70,8 +71,8 @@ gpu-bundle: install
 gpu-check-command: gpu-bundle
 	@$(BIN)/python -m harness.gpu_check --print-command
 
-# Mutation testing of harness/{dropout,model,train,ledger}.py against the fast tests ([tool.mutmut] in
-# pyproject.toml), then the score per file. One mutant at a time by default, one torch thread each: every mutant
+# Mutation testing of the modules [tool.mutmut] in pyproject.toml lists, against the fast tier (make test-fast),
+# then the score per file. One mutant at a time by default, one torch thread each: every mutant
 # runs CPU tests. mutmut keeps the verdicts of functions whose code did not change: after adding tests,
 # `rm -rf mutants` first, or survivors the new tests kill still show as survivors.
 MUTANT_CHILDREN ?= 1

@@ -1,22 +1,23 @@
-"""Command line: `python -m harness COMMAND ...` (train, ablate, worker, plan, report, masks, bench, data fetch).
-
-User mistakes surface as one line on stderr and a non-zero exit code, never a traceback.
+"""Command line: `python -m harness COMMAND ...` (train, ablate, worker, plan, report, ui, dashboard, masks, bench,
+data fetch). User mistakes surface as one line on stderr and exit code 2, never a traceback.
 """
 
 import argparse
 import errno
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
 from pathlib import Path
 
 from harness.errors import UserError
-from harness.stores import HEARTBEAT, STALE_AFTER
+from harness.study.stores import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, HEARTBEAT, STALE_AFTER
 
-ABLATE_DEFAULTS = {"storage": "sqlite:///optuna.db", "tracking_uri": "sqlite:///mlflow.db", "runs_dir": "runs",
+ABLATE_DEFAULTS = {"storage": DEFAULT_STORAGE, "tracking_uri": DEFAULT_TRACKING_URI, "runs_dir": "runs",
                    "reports_dir": "reports", "heartbeat": HEARTBEAT}
+UI_HOST = "127.0.0.1"  # the browsers answer this machine only, unless --host says otherwise
 
 
 MAX_HEARTBEAT = 3600  # seconds; a dead machine's trials would wait STALE_AFTER times this before a retry
@@ -78,8 +79,9 @@ def _whole(low: int, high: int | None = None):
 
 def cmd_train(args) -> int:
     """One run of one variant of a study, with a progress bar and a summary."""
-    from harness.config import SITES, load_study, parse_overrides
+    from harness.config import SITES, parse_overrides
     from harness.data import load_corpus
+    from harness.study.spec import load_study
     from harness.train import check_splits, clear_checkpoints, train_model
 
     study = load_study(args.study)
@@ -116,8 +118,8 @@ def cmd_train(args) -> int:
 
 def _coordinate(args, study) -> bool:
     """Run this machine's share of the study; False when stopped (Ctrl-C, or SIGTERM from a batch system)."""
-    from harness.ablation import run_ablation
-    from harness.scheduler import discover_slots
+    from harness.study.coordinator import run_study
+    from harness.study.scheduler import discover_slots
 
     _output_dir(args.runs_dir, "--runs-dir")
     slots = discover_slots(args.devices, args.trials_per_device)
@@ -127,7 +129,7 @@ def _coordinate(args, study) -> bool:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        run_ablation(study, storage=args.storage, tracking_uri=args.tracking_uri, slots=slots,
+        run_study(study, storage=args.storage, tracking_uri=args.tracking_uri, slots=slots,
                      runs_dir=Path(args.runs_dir), heartbeat=args.heartbeat)
     except KeyboardInterrupt:
         print(f"\nstopped; the interrupted trials are marked and will be retried. Resume with the same command:\n"
@@ -139,11 +141,11 @@ def _coordinate(args, study) -> bool:
 
 def cmd_ablate(args) -> int:
     """Run or resume an ablation study over every device slot, then write its report."""
-    from harness.config import load_study
     from harness.report import build_report
-    from harness.ledger import dashboard_command
-    from harness.stores import redact
-    from harness.tracking import ui_command
+    from harness.study.ledger.storage import dashboard_command
+    from harness.study.spec import load_study
+    from harness.study.stores import redact
+    from harness.study.tracking import ui_command
 
     study = load_study(args.study)
     _output_dir(args.reports_dir, "--reports-dir")
@@ -160,8 +162,8 @@ def cmd_ablate(args) -> int:
 
 def cmd_worker(args) -> int:
     """Run this machine's device slots on a study shared through PostgreSQL, until nothing is left anywhere."""
-    from harness.config import load_study
-    from harness.stores import redact
+    from harness.study.spec import load_study
+    from harness.study.stores import redact
 
     study = load_study(args.study)
     if not _coordinate(args, study):
@@ -173,9 +175,9 @@ def cmd_worker(args) -> int:
 
 def cmd_plan(args) -> int:
     """Runs, epochs, device-hours and wall time of a study on the slots at hand, from a short calibration."""
-    from harness.config import load_study
-    from harness.plan import plan_study, read_epoch_times
-    from harness.scheduler import discover_slots
+    from harness.study.plan import plan_study, read_epoch_times
+    from harness.study.scheduler import discover_slots
+    from harness.study.spec import load_study
 
     study = load_study(args.study)
     slots = discover_slots(args.devices, args.trials_per_device)
@@ -190,10 +192,10 @@ def cmd_plan(args) -> int:
 
 def cmd_report(args) -> int:
     """Rebuild a study's HTML report from what MLflow and Optuna hold."""
-    from harness.config import load_study
-    from harness.ledger import check_storage
     from harness.report import build_report
-    from harness.stores import check_tracking
+    from harness.study.ledger.storage import check_storage
+    from harness.study.spec import load_study
+    from harness.study.stores import check_tracking
 
     study = load_study(args.study)
     _output_dir(args.out, "--out")
@@ -203,6 +205,37 @@ def cmd_report(args) -> int:
     print("\n".join(f"- {line}" for line in report.conclusions))
     print(f"report written: {report.page} (and {report.results_csv.name}, {report.comparisons_csv.name})")
     return 0
+
+
+def _tool(name: str) -> str:
+    """The console script `name` of this environment (beside its python), else the one on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        raise UserError(f"{name} is not installed here; run `make install` (it is in pyproject.toml)")
+    return found
+
+
+def cmd_ui(args) -> int:
+    """The MLflow UI on the study's tracking store (replaces this process)."""
+    from harness.study.stores import check_tracking, redact
+
+    check_tracking(args.tracking_uri)
+    print(f"MLflow UI on http://{args.host}:{args.port} for {redact(args.tracking_uri)} (Ctrl-C stops it)", flush=True)
+    os.execv(_tool("mlflow"), ["mlflow", "ui", "--backend-store-uri", args.tracking_uri, "--host", args.host,
+                               "--port", str(args.port)])
+
+
+def cmd_dashboard(args) -> int:
+    """optuna-dashboard on the study's Optuna storage (replaces this process)."""
+    from harness.study.ledger.storage import check_storage
+    from harness.study.stores import redact
+
+    check_storage(args.storage)
+    print(f"optuna-dashboard on http://{args.host}:{args.port} for {redact(args.storage)} (Ctrl-C stops it)",
+          flush=True)
+    os.execv(_tool("optuna-dashboard"), ["optuna-dashboard", args.storage, "--host", args.host,
+                                         "--port", str(args.port)])
 
 
 def cmd_masks(args) -> int:
@@ -215,7 +248,7 @@ def cmd_masks(args) -> int:
 
 
 def _resume_flags(args) -> list:
-    from harness.stores import redact
+    from harness.study.stores import redact
 
     flags = []
     for name in ("storage", "tracking_uri", "devices", "trials_per_device", "runs_dir", "reports_dir", "heartbeat"):
@@ -252,8 +285,8 @@ def cmd_bench(args) -> int:
 
 def _bench_scheduler(n_tasks: int) -> int:
     from harness.bench import bench_slots
-    from harness.config import load_study
     from harness.data import load_corpus
+    from harness.study.spec import load_study
 
     study = load_study(Path(__file__).resolve().parent.parent / "studies" / "smoke.toml")
     config = study.run_config("awd", {"train.train_tokens": 20000, "train.epochs": 2})
@@ -340,6 +373,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=ABLATE_DEFAULTS["reports_dir"], help="reports folder")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("ui", help="the MLflow UI on a study's tracking store")
+    p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking URI")
+    p.add_argument("--host", default=UI_HOST, help=f"address to listen on (default {UI_HOST}: this machine only)")
+    p.add_argument("--port", type=_whole(1, 65535), default=5000)
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("dashboard", help="optuna-dashboard on a study's Optuna storage")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL")
+    p.add_argument("--host", default=UI_HOST, help=f"address to listen on (default {UI_HOST}: this machine only)")
+    p.add_argument("--port", type=_whole(1, 65535), default=8080)
+    p.set_defaults(func=cmd_dashboard)
+
     p = sub.add_parser("masks", help="draw the dropout mask diagrams from the real modules")
     p.add_argument("--out", default="reports/masks", help="folder for the PNG files")
     p.set_defaults(func=cmd_masks)
@@ -365,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-STUDY_COMMANDS = ("ablate", "worker", "plan", "report")  # the commands that open an Optuna storage
+STUDY_COMMANDS = ("ablate", "worker", "plan", "report", "dashboard")  # the commands that open an Optuna storage
 
 
 def _quiet_libraries(command: str) -> None:

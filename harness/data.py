@@ -105,6 +105,13 @@ def find_split_files(folder: Path) -> dict[str, Path]:
     return found
 
 
+def changed_splits(recorded: dict, md5: dict) -> list:
+    """The splits (sorted) whose MD5 differs from the one recorded; a split recorded nowhere is not compared.
+    The one rule for "the corpus changed" of a study (harness.study.spec.StudyIdentity) and of a run's checkpoint
+    (harness.train)."""
+    return [split for split, digest in sorted(md5.items()) if split in recorded and recorded[split] != digest]
+
+
 def load_corpus(
     name: str, data_dir: Path | None = None, *, fetch_missing: bool = True, log: Callable[[str], object] = print
 ) -> Corpus:

@@ -4,7 +4,7 @@ Confidence intervals of a mean and of a difference of means (Student t / Welch b
 arm, scipy's BCa bootstrap from there on), paired t / Welch p-values, Holm's step-down adjustment, the one
 rule that calls a difference supported, the seeds a t-test would need for 80% power, and the expected best
 of k trials (Dodge et al. 2019, "Show Your Work"). Plain sequences in, floats and frozen records out.
-Use: `adjust([compare(variant_ppl, reference_ppl) for ...])`. Tests: tests/test_stats.py.
+Use: `adjust([compare(variant_ppl, baseline_ppl) for ...])`. Tests: tests/test_stats.py.
 """
 
 import contextlib
@@ -63,22 +63,24 @@ class SeedsNeeded:
 
 @dataclass(frozen=True)
 class Comparison:
-    """Variant minus reference over confirmation seeds: compare() fills the per-comparison part, adjust() the rest.
+    """Variant minus baseline over confirmation seeds: compare() fills the per-comparison part, adjust() the rest.
 
     The interval and p are per comparison (unadjusted); p_holm and supported are adjusted across comparisons.
     """
 
-    diff: float | None  # mean(variant) - mean(reference), perplexity; None when one side has no seeds
+    diff: float | None  # mean(variant) - mean(baseline), perplexity; None when one side has no seeds
     ci: Interval | None  # interval of diff at confidence 1 - alpha; None below 2 seeds a side
     test: str  # "paired t" or "Welch t"; "" when there is no test
     p: float | None  # two-sided, unadjusted; None when there is no test (see note)
     n_variant: int
-    n_reference: int
+    n_baseline: int
     paired: bool  # the two seed sets are the same, so values are paired by seed
     alpha: float
     note: str  # why there is no interval or test; "" when both exist
-    variant_values: tuple  # by seed, in sorted seed order (aligned with reference_values when paired)
-    reference_values: tuple
+    variant_values: tuple  # by seed, in sorted seed order (aligned with baseline_values when paired)
+    baseline_values: tuple
+    variant: str = ""  # the arms' names, when compare() was given them
+    baseline: str = ""
     p_holm: float | None = None  # from adjust(): Holm-adjusted p; None when untested
     supported: bool | None = None  # from adjust(): is_supported(p_holm, alpha)
     seeds_needed: SeedsNeeded | None = None  # from adjust(), for comparisons that are not supported
@@ -230,8 +232,10 @@ def is_supported(p_holm: float | None, alpha: float = ALPHA) -> bool:
     return p_holm is not None and p_holm < alpha
 
 
-def compare(variant: dict, reference: dict, *, alpha: float = ALPHA, seed: int = 0) -> Comparison:
-    """Seed -> test perplexity of a variant against the reference's, per comparison (adjust() does the rest).
+def compare(variant: dict, baseline: dict, *, alpha: float = ALPHA, seed: int = 0, names: tuple = ("", "")
+            ) -> Comparison:
+    """Seed -> test perplexity of a variant against a baseline's, per comparison (adjust() does the rest); `names`
+    are the two arms' names, kept on the record.
 
     Paired t and the t interval of the paired differences when the seed sets are the same, Welch otherwise
     (BCa intervals from BCA_MIN_N seeds on). The interval is at confidence 1 - alpha, so with fewer than
@@ -239,16 +243,16 @@ def compare(variant: dict, reference: dict, *, alpha: float = ALPHA, seed: int =
     boundary; the verdict follows p). With no spread the interval is a point and there is no test (p None).
     Raises ValueError naming the seed of a non-finite value.
     """
-    for side, values in (("variant", variant), ("reference", reference)):
+    for side, values in (("variant", variant), ("baseline", baseline)):
         bad = {s: v for s, v in values.items() if not math.isfinite(v)}
         if bad:
             raise ValueError(f"{side} seed {next(iter(bad))} has test perplexity {next(iter(bad.values()))}: "
                              "compare needs finite values; leave diverged runs out and report them separately")
-    paired = bool(variant) and set(variant) == set(reference)
+    paired = bool(variant) and set(variant) == set(baseline)
     a = tuple(float(variant[s]) for s in sorted(variant))
-    b = tuple(float(reference[s]) for s in sorted(reference))
-    base = dict(n_variant=len(a), n_reference=len(b), paired=paired, alpha=alpha, variant_values=a,
-                reference_values=b)
+    b = tuple(float(baseline[s]) for s in sorted(baseline))
+    base = dict(n_variant=len(a), n_baseline=len(b), paired=paired, alpha=alpha, variant_values=a,
+                baseline_values=b, variant=names[0], baseline=names[1])
     if not a or not b:
         return Comparison(None, None, "", None, note="no confirmation seeds on one side", **base)
     diff = float(np.mean(a) - np.mean(b))
@@ -265,7 +269,7 @@ def compare(variant: dict, reference: dict, *, alpha: float = ALPHA, seed: int =
 
 
 def adjust(comparisons, *, alpha: float = ALPHA, power: float = POWER, cap: int = SEEDS_CAP) -> list[Comparison]:
-    """The comparisons (one per variant against the same reference) with p_holm, supported and seeds_needed.
+    """The comparisons (one family, e.g. every variant against its baseline) with p_holm, supported and seeds_needed.
 
     Holm's step-down adjustment over the tested comparisons, then is_supported. For each comparison that is
     not supported, seeds_for_power at level alpha / m, m = all comparisons: Holm's first step, the level at
@@ -281,7 +285,7 @@ def adjust(comparisons, *, alpha: float = ALPHA, power: float = POWER, cap: int 
     out = []
     for c, p_holm in zip(comparisons, holm([c.p for c in comparisons])):
         supported = is_supported(p_holm, alpha)
-        needed = None if supported else seeds_for_power(c.variant_values, c.reference_values, paired=c.paired,
+        needed = None if supported else seeds_for_power(c.variant_values, c.baseline_values, paired=c.paired,
                                                         alpha=level, power=power, cap=cap)
         out.append(replace(c, p_holm=p_holm, supported=supported, seeds_needed=needed))
     return out

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from harness.config import RunConfig, changed_splits
-from harness.data import Corpus, batchify, bptt_positions, find_split_files, get_batch
+from harness.config import RunConfig
+from harness.data import Corpus, batchify, bptt_positions, changed_splits, find_split_files, get_batch
 from harness.errors import UserError
 from harness.model import AWDLSTM, detach_state
 
@@ -51,6 +51,20 @@ class EpochResult:
 
 
 @dataclass(frozen=True)
+class RunResult:
+    """A finished run's summary as a study records it: each field is one of MLflow's summary metrics of the run
+    (step 0) and a column of the report; None when not measured (test_* in search trials, no averaging)."""
+
+    best_val_ppl: float
+    best_epoch: int  # 1-based
+    test_ppl: float | None
+    test_loss: float | None  # nats per token
+    averaged_from_epoch: int | None  # the epoch NT-ASGD switched to averaging
+    seconds: float
+    epochs: int  # epochs trained
+
+
+@dataclass(frozen=True)
 class TrainResult:
     """The outcome of a finished run; test_* are None when the test split was not evaluated (search trials)."""
 
@@ -63,6 +77,11 @@ class TrainResult:
     averaged_from_epoch: int | None
     seconds: float
     checkpoint: Path | None
+
+    def summary(self) -> RunResult:
+        """The record a trial process sends its coordinator."""
+        return RunResult(self.best_val_ppl, self.best_epoch, self.test_ppl, self.test_loss, self.averaged_from_epoch,
+                         self.seconds, len(self.epochs))
 
 
 class TrainingDiverged(RuntimeError):

@@ -1,48 +1,45 @@
-"""Shared fixtures: the corpus tests train on, and one real smoke-study run per test session.
-
-The corpus is the Penn Treebank where there is one ($AWD_DATA_DIR/ptb if AWD_DATA_DIR is set, else the team
-folder's ../shared/data/ptb, as CI has), else a synthetic corpus from a known Markov chain (tests/synthetic.py)
-generated once per session, so a fresh clone passes offline. Tests that need PTB itself carry the `ptb`
-marker: skipped without it, a failure when AWD_REQUIRE_PTB=1 (CI sets it).
+"""Fixtures and hooks: the tiers every test belongs to, what a test needs, the corpus tests train on (PTB where
+there is one, else the synthetic corpus of tests/synthetic.py, so a fresh clone passes offline), and one real
+smoke-study run per session. Plain helpers are in helpers.py.
 """
 
-import json
 import os
-import re
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import synthetic
+from helpers import PTB_DATA_DIR, SMOKE_STUDY, require, run_harness, study_for_tests
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-SMOKE_STUDY = REPO / "studies" / "smoke.toml"
-REQUIRE_PTB_ENV = "AWD_REQUIRE_PTB"
-
-
-def _ptb_data_dir() -> Path | None:
-    """The folder holding ptb/: $AWD_DATA_DIR when set, else the team folder; None when PTB is not there."""
-    user_dir = os.environ.get("AWD_DATA_DIR")
-    data_dir = Path(user_dir).expanduser().absolute() if user_dir else SHARED_DATA
-    return data_dir if (data_dir / "ptb" / "ptb.train.txt").is_file() else None
-
-
-PTB_DATA_DIR = _ptb_data_dir()
 PTB = PTB_DATA_DIR / "ptb" if PTB_DATA_DIR else None  # the PTB folder, or None
-# Where PTB was looked for, for the skip message (read before the data_dir fixture changes AWD_DATA_DIR).
-_PTB_SEARCHED = Path(os.environ.get("AWD_DATA_DIR") or SHARED_DATA).expanduser().absolute() / "ptb"
+TIERS = ("fast", "slow", "servers")  # pyproject.toml says what each holds
+
+
+def tier(item) -> str | None:
+    """A test's tier: its closest tier marker (a test's own overrides its module's `pytestmark`)."""
+    return next((mark.name for mark in item.iter_markers() if mark.name in TIERS), None)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects: it must see each test's one tier
+def pytest_collection_modifyitems(config, items):
+    """Every test belongs to one tier, its closest tier marker, so `-m fast` (make test-fast) selects exactly it:
+    the tier moves onto the test, and a module's default tier (pytestmark) no longer applies where a test set its own."""
+    tiers = {item: tier(item) for item in items}
+    untiered = [item.nodeid for item, found in tiers.items() if found is None]
+    if untiered:
+        raise pytest.UsageError(f"tests without a tier marker ({', '.join(TIERS)}): {', '.join(untiered[:5])}"
+                                + (f" and {len(untiered) - 5} more" if len(untiered) > 5 else ""))
+    for item, found in tiers.items():
+        for node in item.listchain():
+            node.own_markers[:] = [m for m in node.own_markers if m.name not in TIERS]
+        item.add_marker(found)
 
 
 def pytest_runtest_setup(item):
-    if PTB is None and item.get_closest_marker("ptb") is not None:
-        if os.environ.get(REQUIRE_PTB_ENV) == "1":
-            pytest.fail(f"Penn Treebank not found at {_PTB_SEARCHED}, and {REQUIRE_PTB_ENV}=1 requires it")
-        pytest.skip(f"needs the Penn Treebank, not found at {_PTB_SEARCHED} "
-                    "(set AWD_DATA_DIR to the folder holding ptb/)")
+    for mark in item.iter_markers("needs"):
+        for name in mark.args:
+            require(name)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -65,16 +62,6 @@ def test_corpus(data_dir, tmp_path_factory) -> str:
     if PTB is not None:
         return "ptb"
     return str(synthetic.write_corpus(tmp_path_factory.mktemp("synthetic") / "synthetic"))
-
-
-def with_corpus(study_text: str, corpus: str) -> str:
-    """The study file text with its [study] corpus replaced by `corpus` (e.g. the test_corpus fixture)."""
-    # A JSON string is a valid TOML basic string (quotes and backslashes escaped the same way).
-    new, count = re.subn(r'(?m)^corpus\s*=\s*(["\']).*?\1\s*$', lambda m: f"corpus = {json.dumps(corpus)}",
-                         study_text, count=1)
-    if count != 1:
-        raise ValueError("the study text has no `corpus = \"...\"` line to replace")
-    return new
 
 
 @pytest.fixture
@@ -103,25 +90,6 @@ class SmokeRun:
     storage: str
     tracking_uri: str
     output: str
-
-
-def run_harness(*args, cwd, timeout=600, check=True):
-    """`python -m harness ARGS` in a subprocess, as a user would type it."""
-    proc = subprocess.run([sys.executable, "-m", "harness", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"harness {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def study_for_tests(study: Path, corpus: str, folder: Path) -> Path:
-    """`study` itself when it already names `corpus`, else a copy in folder that names it instead."""
-    text = study.read_text(encoding="utf-8")
-    if re.search(rf'(?m)^corpus\s*=\s*"{re.escape(corpus)}"\s*$', text):
-        return study
-    copy = folder / study.name
-    copy.write_text(with_corpus(text, corpus), encoding="utf-8")
-    return copy
 
 
 @pytest.fixture(scope="session")

@@ -2,21 +2,18 @@
 
 A throwaway PostgreSQL cluster and an MLflow tracking server on it, both on 127.0.0.1 only, one of each per
 test session. PostgreSQL must be installed (Debian: `apt-get install -y postgresql`, as .ci/run does);
-without it these tests fail, unless AWD_SKIP_POSTGRES=1 skips them. pyproject.toml loads this file as a
+without it these tests skip, unless AWD_REQUIRE_POSTGRESQL=1 (CI) makes that a failure. pyproject.toml loads this file as a
 plugin (-p shared_stores), so the fixtures are shared by every test module; the audit figures of every
 test that recorded some are printed at the end of the session.
 """
 
-import glob
 import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,32 +25,11 @@ import requests
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from harness.ledger import CONFIRM, SEARCH, optuna_name, trials_for
+from harness.study.rules import CONFIRM, SEARCH, optuna_name, trials_for
+from helpers import free_port, postgres_bin, require, wait_for
 
 PG_USER = "harness"
 PG_PASSWORD = "not-a-real-secret-7f3a"  # tests check that it never shows up in output, tags, params or reports
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(condition, timeout: float, what: str, every: float = 0.2):
-    """Poll until condition() is truthy and return it; fail the test after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
-def _postgres_bin() -> Path | None:
-    found = shutil.which("pg_ctl") or (sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")) or [None])[-1]
-    return Path(found).parent if found else None
 
 
 class Postgres:
@@ -109,14 +85,9 @@ class Postgres:
 
 @pytest.fixture(scope="session")
 def postgres():
-    """A PostgreSQL cluster for this session (fails without PostgreSQL unless AWD_SKIP_POSTGRES=1)."""
-    if os.environ.get("AWD_SKIP_POSTGRES") == "1":
-        pytest.skip("AWD_SKIP_POSTGRES=1: the multi-machine tests need PostgreSQL")
-    bin_dir = _postgres_bin()
-    if bin_dir is None:
-        pytest.fail("PostgreSQL is not installed: apt-get install -y postgresql (.ci/run does), or set "
-                    "AWD_SKIP_POSTGRES=1 to skip the multi-machine tests")
-    cluster = Postgres(bin_dir)
+    """A PostgreSQL cluster for this session (skipped without PostgreSQL, unless AWD_REQUIRE_POSTGRESQL=1)."""
+    require("postgresql")
+    cluster = Postgres(postgres_bin())
     yield cluster
     cluster.remove()
 

@@ -9,75 +9,21 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from harness.ablation import Ablation, run_ablation
 from harness.bench import EqualTrials
-from harness.config import load_study
-from harness.ledger import SEARCH, Ledger, open_storage
-from harness.scheduler import Scheduler, Slot, discover_slots
-from harness.tracking import Tracker
+from harness.study.coordinator import run_study
+from harness.study.rules import SEARCH
+from harness.study.scheduler import Scheduler, Slot, discover_slots
+from harness.study.spec import load_study
 
-from conftest import run_harness, with_corpus
+from helpers import child_runs, open_coordinator, run_harness, tiny_study
 
-TINY = """
-[study]
-name = "tiny"
-corpus = "ptb"
-[fixed.model]
-emb_size = 16
-hidden_size = 16
-n_layers = 1
-[fixed.dropout]
-input = 0.3
-weight = 0.3
-[fixed.train]
-epochs = 2
-batch_size = 10
-eval_batch_size = 10
-test_batch_size = 80
-bptt = 20
-train_tokens = 3000
-valid_tokens = 1000
-threads = 1
-[variants.locked_only]
-[variants.weight_only]
-[search]
-input = [0.1, 0.5]
-weight = [0.1, 0.5]
-[budget]
-trials = {trials}
-pruner = "none"
-confirm_seeds = {seeds}
-max_retries = 1
-"""
+pytestmark = pytest.mark.slow
 
-
-def tiny_study(tmp_path, corpus, trials=2, seeds="[]"):
-    """TINY on `corpus` (the test_corpus fixture: PTB, or the synthetic corpus without it)."""
-    path = tmp_path / "tiny.toml"
-    path.write_text(with_corpus(TINY.format(trials=trials, seeds=seeds), corpus))
-    return load_study(path)
-
-
-def open_ablation(study, storage: str, uri: str, runs_dir, log=lambda *a: None, heartbeat=30) -> Ablation:
-    """An Ablation on these stores, as run_ablation builds it (no corpus identity: the tests' corpus is fixed)."""
-    identity = study.identity()
-    ledger = Ledger(study, open_storage(storage, heartbeat), identity, log=log)
-    return Ablation(study, ledger, Tracker(uri, study, identity, {"study": study.name}), runs_dir, log)
-
-
-def child_runs(uri, study_name):
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(study_name)
-    runs = client.search_runs([experiment.experiment_id], "tags.kind = 'run'", max_results=1000)
-    parents = client.search_runs([experiment.experiment_id], "tags.kind = 'variant'", max_results=1000)
-    return client, runs, parents
-
-
+@pytest.mark.fast
 def test_cpu_slots_divide_the_cores(monkeypatch):
-    monkeypatch.setattr("harness.scheduler.joblib.cpu_count", lambda: 8)
+    monkeypatch.setattr("harness.study.scheduler.joblib.cpu_count", lambda: 8)
     assert [(s.device, s.threads) for s in discover_slots("cpu", 2)] == [("cpu", 4)] * 2
     assert [s.threads for s in discover_slots("cpu", 3)] == [2, 2, 2]  # 8 // 3: never more threads than cores
     assert [s.threads for s in discover_slots("cpu")] == [1] * 8  # one one-thread worker per core by default
@@ -121,30 +67,30 @@ def test_slots_are_exclusive_and_never_idle_while_work_remains(tmp_path, test_co
 def test_killed_worker_fails_only_its_trial_and_is_retried(tmp_path, test_corpus):
     study = tiny_study(tmp_path, test_corpus, trials=2)
     storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    ablation = open_ablation(study, storage, uri, tmp_path / "runs")
+    coordinator = open_coordinator(study, storage, uri, tmp_path / "runs")
     scheduler = Scheduler([Slot(0, "cpu", 1), Slot(1, "cpu", 1)], tick_seconds=0.2)
     killed = []
-    on_epoch = ablation.on_epoch
+    on_epoch = coordinator.on_epoch
 
     def kill_first_worker(task, epoch):
         if not killed:
             victim = next(r for r in scheduler.running.values() if r.task.key == task.key)
-            os.kill(victim.process.pid, signal.SIGKILL)
+            os.kill(victim.child.process.pid, signal.SIGKILL)
             killed.append(task.key)
         return on_epoch(task, epoch)
 
-    ablation.on_epoch = kill_first_worker
-    scheduler.run(ablation)
+    coordinator.on_epoch = kill_first_worker
+    scheduler.run(coordinator)
     assert killed
     variant = killed[0].split("/")[0]
-    trials = ablation.ledger.studies[(variant, "search")].get_trials()
+    trials = coordinator.ledger.studies[(variant, "search")].get_trials()
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert len(failed) == 1 and "killed by signal 9" in failed[0].user_attrs["fail_reason"]
     assert failed[0].user_attrs["retried"] is True
     retry = next(t for t in trials if t.user_attrs.get("retry_of") == failed[0].number)
     assert retry.state == TrialState.COMPLETE and retry.params == failed[0].params
     for v in study.variants:  # the full budget, for the other variant too
-        done = [t for t in ablation.ledger.studies[(v, "search")].get_trials() if t.state == TrialState.COMPLETE]
+        done = [t for t in coordinator.ledger.studies[(v, "search")].get_trials() if t.state == TrialState.COMPLETE]
         assert len(done) == 2
     _, runs, _ = child_runs(uri, study.name)
     states = sorted(r.data.tags["state"] for r in runs)
@@ -154,8 +100,8 @@ def test_killed_worker_fails_only_its_trial_and_is_retried(tmp_path, test_corpus
 def test_a_prune_verdict_stops_the_worker_and_is_recorded_everywhere(tmp_path, test_corpus):
     study = tiny_study(tmp_path, test_corpus, trials=2, seeds="[1]")
     storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    ablation = open_ablation(study, storage, uri, tmp_path / "runs")
-    report_epoch, victims = ablation.ledger.report_epoch, []
+    coordinator = open_coordinator(study, storage, uri, tmp_path / "runs")
+    report_epoch, victims = coordinator.ledger.report_epoch, []
 
     def prune_the_first_search_trial(claim, epoch, val_ppl):
         keep_going = report_epoch(claim, epoch, val_ppl)
@@ -164,21 +110,21 @@ def test_a_prune_verdict_stops_the_worker_and_is_recorded_everywhere(tmp_path, t
             return False
         return keep_going
 
-    ablation.ledger.report_epoch = prune_the_first_search_trial
-    Scheduler([Slot(0, "cpu", 1)], tick_seconds=0.2).run(ablation)
+    coordinator.ledger.report_epoch = prune_the_first_search_trial
+    Scheduler([Slot(0, "cpu", 1)], tick_seconds=0.2).run(coordinator)
     variant, _, number = victims[0].split("/")
-    trial = ablation.ledger.studies[(variant, "search")].trials[int(number)]
+    trial = coordinator.ledger.studies[(variant, "search")].trials[int(number)]
     assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [1]
-    run = ablation.tracker.client.get_run(trial.user_attrs["mlflow_run_id"])
-    history = ablation.tracker.client.get_metric_history(run.info.run_id, "val_ppl")
+    run = coordinator.tracker.client.get_run(trial.user_attrs["mlflow_run_id"])
+    history = coordinator.tracker.client.get_metric_history(run.info.run_id, "val_ppl")
     assert [m.step for m in history] == [1], "the worker trained on after the prune verdict"
     assert run.info.status == "KILLED" and run.info.run_name.endswith("[pruned]")
     assert run.data.tags["state"] == "pruned" and "test_ppl" not in run.data.metrics
-    tally = ablation.ledger.tally(variant, "search")
+    tally = coordinator.ledger.tally(variant, "search")
     assert (tally.pruned, tally.finished, tally.settled) == (1, 1, 2)
     # The confirmation retrains the finished trial, not the pruned one.
-    confirm = ablation.ledger.studies[(variant, "confirm")].trials
-    finished = next(t for t in ablation.ledger.studies[(variant, "search")].trials if t.state == TrialState.COMPLETE)
+    confirm = coordinator.ledger.studies[(variant, "confirm")].trials
+    finished = next(t for t in coordinator.ledger.studies[(variant, "search")].trials if t.state == TrialState.COMPLETE)
     assert [t.params for t in confirm] == [finished.params] and confirm[0].state == TrialState.COMPLETE
 
 
@@ -271,12 +217,12 @@ def test_interrupted_study_resumes_without_duplicates(tmp_path, test_corpus):
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_ablation(study, storage=storage, tracking_uri=uri, slots=slots, runs_dir=tmp_path / "runs", log=interrupt)
+        run_study(study, storage=storage, tracking_uri=uri, slots=slots, runs_dir=tmp_path / "runs", log=interrupt)
     _, runs, parents = child_runs(uri, study.name)
     assert [r.info.status for r in runs + parents if r.info.status == "RUNNING"] == []
     assert "KILLED" in {p.info.status for p in parents}
     assert any(r.info.run_name.endswith("[interrupted]") for r in runs)
-    run_ablation(study, storage=storage, tracking_uri=uri, slots=slots, runs_dir=tmp_path / "runs",
+    run_study(study, storage=storage, tracking_uri=uri, slots=slots, runs_dir=tmp_path / "runs",
                  log=lambda *a: None)
     _, runs, _ = child_runs(uri, study.name)
     finished = [(r.data.tags["variant"], r.data.tags["phase"], r.data.tags["trial"]) for r in runs
@@ -297,14 +243,15 @@ def test_other_study_file_under_the_same_name_is_refused(tmp_path, smoke_run):
     assert "different version of" in proc.stderr and "new study.name" in proc.stderr
 
 
+@pytest.mark.fast
 def test_live_view_counts_interrupted_trials_apart_from_failed_ones(tmp_path, test_corpus):
     study = tiny_study(tmp_path, test_corpus, trials=2)
-    ablation = open_ablation(study, f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}",
+    coordinator = open_coordinator(study, f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}",
                              tmp_path / "runs")
-    ledger = ablation.ledger
+    ledger = coordinator.ledger
     ledger.fail(ledger.claim("locked_only", SEARCH), "interrupted (Ctrl-C)", interrupted=True)
     ledger.fail(ledger.claim("locked_only", SEARCH), "RuntimeError: boom")
-    (row,) = [line for line in ablation.summary().splitlines() if line.split()[:1] == ["locked_only"]]
+    (row,) = [line for line in coordinator.view.summary().splitlines() if line.split()[:1] == ["locked_only"]]
     done, pruned, failed, interrupted = (int(n) for n in row.split()[1:8:2])
     assert (done, pruned, failed, interrupted) == (0, 0, 1, 1)
     assert row.split()[-3:-1] == ["none", "yet"]  # no finished trial: no best value, and no "nan"

@@ -4,8 +4,8 @@ already computed is lost or leaked.
 
 Surfaces: the study file, `--set`, CLI flags, storage and tracking URLs, corpus folders, checkpoints, output
 paths, and faults while a run or a study works. Most cases call `harness.cli.main` in-process (the same path as
-`python -m harness`); a few run the real command. Every case is one member of a class the issue names (see the
-section comments); the generated sets cover every key of every section, not only the issue's example.
+`python -m harness`); a few run the real command. Every case is one member of a class of bad input (see the
+section comments); the generated sets cover every key of every section, not only one example.
 """
 
 import dataclasses
@@ -15,7 +15,6 @@ import math
 import os
 import re
 import signal
-import string
 import typing
 from pathlib import Path
 from urllib.parse import quote
@@ -26,19 +25,22 @@ import torch
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import run_harness, with_corpus
-from harness.ablation import claim_runs_dir, run_ablation
+from helpers import run_harness, with_corpus
 from harness.cli import main
-from harness.config import (
-    BudgetConfig, DropoutConfig, ModelConfig, SITES, TrainConfig, load_study, parse_overrides,
-)
+from harness.config import DropoutConfig, ModelConfig, SITES, TrainConfig, parse_overrides
 from harness.data import find_split_files, load_corpus
 from harness.errors import UserError
-from harness.ledger import SEARCH, Ledger, open_storage, optuna_name
-from harness.scheduler import Slot
-from harness.stores import LocalLock, redact
-from harness.tracking import Tracker
+from harness.study.coordinator import claim_runs_dir, run_study
+from harness.study.ledger.storage import open_storage
+from harness.study.ledger.writer import Ledger
+from harness.study.rules import SEARCH, optuna_name
+from harness.study.scheduler import Slot
+from harness.study.spec import BudgetConfig, load_study
+from harness.study.stores import LocalLock, redact
+from harness.study.tracking import Tracker
 from harness.train import CheckpointError, check_splits, train_model
+
+pytestmark = pytest.mark.fast
 
 STUDY = """
 [study]
@@ -126,7 +128,7 @@ def fields(cls, kind) -> list[str]:
 
 
 # --- the study file -------------------------------------------------------------------------------------
-# Class (issue item 9): a scalar or a list where a table belongs, at every table of the file.
+# Class: a scalar or a list where a table belongs, at every table of the file.
 @pytest.mark.parametrize("text, key", [
     ("fixed = 3\n[variants.awd]", "fixed = 3"),
     ("study = 'x'\n[variants.awd]", "study = 'x'"),
@@ -164,7 +166,7 @@ def test_a_table_where_a_value_belongs(tmp_path, key):
     assert f"{name} = {{'a': 1}}" in message, message
 
 
-# Class (item 10): non-finite numbers, in every float key and every search range.
+# Class: non-finite numbers, in every float key and every search range.
 FLOAT_KEYS = [f"{where}.{name}" for where, cls in RECORDS.items() for name in fields(cls, float)]
 
 
@@ -183,7 +185,7 @@ def test_non_finite_search_ranges_are_refused(tmp_path, site, value):
     assert f"search.{site}" in message and "finite" in message
 
 
-# Class (item 14): seeds outside what numpy and torch accept, wherever a seed is written.
+# Class: seeds outside what numpy and torch accept, wherever a seed is written.
 @pytest.mark.parametrize("text, key", [
     ("[fixed.train]\nseed = -1", "fixed.train.seed = -1"),
     ("[fixed.train]\nseed = 4294967296", "fixed.train.seed = 4294967296"),
@@ -214,7 +216,7 @@ def test_integers_too_large_for_torch_are_refused(tmp_path, key):
     assert f"{key} = {2**31} is too large" in message
 
 
-# Class (item 6): every name that becomes a path, an MLflow filter or HTML is checked, the study's and the
+# Class: every name that becomes a path, an MLflow filter or HTML is checked, the study's and the
 # variants' alike.
 UNSAFE_NAMES = ["../../../escaped", "a/b", "a\\\\b", "<b>x</b>", "a'b", 'a\\"b', "a b", "", ".hidden", "-x", "x" * 65,
                 "caf\u00e9", "a\\tb"]
@@ -269,7 +271,8 @@ def test_the_variant_escaping_the_runs_folder_never_reaches_it(tmp_path, test_co
     assert not [p for p in tmp_path.rglob("*escaped*")]
 
 
-# The issue's examples of the study-file classes, as a user types them (items 9, 10, 14).
+# Examples of the study-file classes, as a user types them.
+@pytest.mark.slow
 @pytest.mark.parametrize("edit, expected", [
     (lambda text: "fixed = 3\n" + text[text.index("[variants.awd]"):], "fixed = 3 should be a table"),
     (lambda text: text.replace("threads = 1", "threads = 1\nlr = nan"), "fixed.train.lr = nan is not a finite"),
@@ -311,7 +314,7 @@ def test_set_nan_is_refused_before_anything_runs(tmp_path, test_corpus, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-# --- settings the corpus cannot serve (item 7) ----------------------------------------------------------
+# --- settings the corpus cannot serve ----------------------------------------------------------
 # Class: every split against its batch size, the train split against bptt, and token slices longer than
 # their split; refused before the first step by `train` (and by the scheduler's worker, which calls
 # train_model) and by `ablate` before the study starts.
@@ -341,17 +344,19 @@ def test_train_refuses_a_test_batch_size_before_training(tmp_path, test_corpus, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_ablate_refuses_a_test_batch_size_before_the_study_starts(tmp_path, test_corpus):
     text = STUDY.replace("test_batch_size = 4", "test_batch_size = 1000000").replace("confirm_seeds = []",
                                                                                       "confirm_seeds = [1]")
     study = load_study(study_file(tmp_path, test_corpus, text))
     with pytest.raises(UserError, match="train.test_batch_size = 1000000 is too large"):
-        run_ablation(study, storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+        run_study(study, storage=f"sqlite:///{tmp_path / 'optuna.db'}",
                      tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", slots=[Slot(0, "cpu", 1)],
                      runs_dir=tmp_path / "runs", log=lambda *a: None, plan=False)
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_a_run_resumes_when_only_the_test_batch_size_changed(tmp_path, test_corpus):
     study = load_study(study_file(tmp_path, test_corpus))
     corpus = load_corpus(test_corpus)
@@ -400,7 +405,7 @@ def test_bad_flags_are_one_line(tmp_path, test_corpus, capsys, argv, expected):
 
 
 # --- storage and tracking URLs --------------------------------------------------------------------------
-# Class (item 1): every way to ask SQLite for a database that vanishes at exit, on both stores and every command.
+# Class: every way to ask SQLite for a database that vanishes at exit, on both stores and every command.
 IN_MEMORY = ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite:///file::memory:?cache=shared",
              "sqlite:///file:x.db?mode=memory&uri=true", "sqlite:///x.db?mode%3Dmemory", "sqlite:///x.db?vfs=memdb"]
 
@@ -441,7 +446,7 @@ def test_malformed_or_unusable_store_urls(tmp_path, test_corpus, capsys, storage
     assert not (tmp_path / "runs").exists() and (tmp_path / "a-file").read_text() == "mine"
 
 
-# Class (item 12): a store that is damaged, not SQLite, or the other tool's (a swapped --storage and
+# Class: a store that is damaged, not SQLite, or the other tool's (a swapped --storage and
 # --tracking-uri): refused naming the file, which is left as it was (both libraries would add their tables).
 def _optuna_db(path):
     optuna.storages.RDBStorage(f"sqlite:///{path}").engine.dispose()
@@ -473,7 +478,8 @@ def test_damaged_or_foreign_stores_are_refused_and_left_alone(tmp_path, test_cor
     assert digest(damaged) == before
 
 
-def test_the_issues_damaged_optuna_db(tmp_path, test_corpus):
+@pytest.mark.slow
+def test_an_optuna_db_that_is_not_sqlite_is_one_line_and_left_as_it_was(tmp_path, test_corpus):
     study = study_file(tmp_path, test_corpus)
     (tmp_path / "optuna.db").write_text("this is not sqlite\n")
     proc = run_harness("ablate", study, "--devices", "cpu", cwd=tmp_path, check=False)
@@ -484,9 +490,9 @@ def test_the_issues_damaged_optuna_db(tmp_path, test_corpus):
     assert (tmp_path / "optuna.db").read_text() == "this is not sqlite\n"
 
 
-# Class (item 3): one coordinator per local store, the tracking store included, however a path is spelled.
+# Class: one coordinator per local store, the tracking store included, however a path is spelled.
 @pytest.mark.parametrize("second", [
-    {"--storage": "sqlite:///other-optuna.db", "--tracking-uri": "sqlite:///mlflow.db"},  # the issue's case
+    {"--storage": "sqlite:///other-optuna.db", "--tracking-uri": "sqlite:///mlflow.db"},  # the first report's case
     {"--storage": "sqlite:///optuna.db", "--tracking-uri": "sqlite:///other-mlflow.db"},
     {"--storage": "sqlite:///other-optuna.db", "--tracking-uri": "sqlite:///link-to-mlflow.db"},
     {"--storage": "sqlite:///other-optuna.db", "--tracking-uri": "sqlite:///./sub/../mlflow.db"},
@@ -507,7 +513,7 @@ def test_a_runs_folder_of_another_storage_is_refused_before_any_trial(tmp_path, 
     path = study_file(tmp_path, test_corpus)
     study = load_study(path)
     runs = tmp_path / "runs"
-    # The study ran on storage a.db with this runs folder: run_ablation claimed the folder when it started.
+    # The study ran on storage a.db with this runs folder: run_study claimed the folder when it started.
     first = Ledger(study, open_storage(f"sqlite:///{tmp_path / 'a.db'}"), study.identity(), log=lambda *a: None)
     claim_runs_dir(runs / study.name, first.uid)
     capsys.readouterr()  # what the first run's libraries logged
@@ -519,7 +525,7 @@ def test_a_runs_folder_of_another_storage_is_refused_before_any_trial(tmp_path, 
     assert sorted(p.name for p in (runs / study.name).iterdir()) == ["STUDY_UID"]  # no trial started
 
 
-# Class (item 5): a password in a store URL never shows, whatever characters it holds, raw or percent-encoded,
+# Class: a password in a store URL never shows, whatever characters it holds, raw or percent-encoded,
 # valid URL or not; through the real error path of `worker` with nothing listening.
 def _passwords(chars):
     for c in chars:
@@ -531,6 +537,7 @@ PRINTABLE = [chr(i) for i in range(0x20, 0x7F)]
 DELIMITERS = list("@:/?#[]%&=+ ;'\"\\")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form, chars", [
     ("postgresql://harness:{pw}@127.0.0.1:1/optuna", PRINTABLE),  # --storage
     ("postgresql://harness:{pw}@127.0.0.1:1/mlflow", DELIMITERS),  # --tracking-uri
@@ -550,7 +557,8 @@ def test_passwords_never_show(tmp_path, test_corpus, capsys, form, chars):
     assert not leaks
 
 
-def test_the_issues_password_with_a_hash(tmp_path, test_corpus):
+@pytest.mark.slow
+def test_a_password_holding_a_hash_is_masked_in_the_one_line_error(tmp_path, test_corpus):
     study = study_file(tmp_path, test_corpus)
     proc = run_harness("worker", study, "--storage", "postgresql://harness:Se#cret@127.0.0.1:1/optuna",
                        "--tracking-uri", "sqlite:///m.db", "--devices", "cpu", cwd=tmp_path, check=False)
@@ -569,7 +577,7 @@ def test_passwords_in_malformed_urls_are_masked(url, secret):
     assert secret not in redact(url)
 
 
-# --- corpus folders (item 4) ----------------------------------------------------------------------------
+# --- corpus folders ----------------------------------------------------------------------------
 # Class: the corpus content is part of what a study and a run are; a changed split file is refused on resume,
 # by the Optuna side, the MLflow side and a `train` checkpoint, naming the file.
 def small_corpus(folder: Path, test_corpus: str, lines: int = 300) -> Path:
@@ -585,7 +593,7 @@ def test_a_corpus_changed_before_the_resume_is_refused_naming_the_file(tmp_path,
     corpus_dir = small_corpus(tmp_path / "corpus", test_corpus)
     path = study_file(tmp_path, str(corpus_dir))
     study, corpus = load_study(path), load_corpus(str(corpus_dir))
-    # The first run records the study's identity as run_ablation does when it starts; then it stops.
+    # The first run records the study's identity as run_study does when it starts; then it stops.
     identity = study.identity(corpus.md5, find_split_files(corpus.path))
     Ledger(study, open_storage(f"sqlite:///{tmp_path / 'optuna.db'}"), identity, log=lambda *a: None)
     Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", study, identity, {})
@@ -615,7 +623,7 @@ def test_a_corpus_changed_before_a_train_resume_is_refused_naming_the_file(tmp_p
     assert digest(tmp_path / "out" / "last.pt") == before
 
 
-# --- checkpoints (item 11) ------------------------------------------------------------------------------
+# --- checkpoints ------------------------------------------------------------------------------
 # Class: a checkpoint that is truncated, empty, not torch, a folder, missing its partner, another file's
 # layout, or written by an older harness: one line naming the file and what to do; no file is touched.
 def _truncate(path):
@@ -652,6 +660,7 @@ def trained(tmp_path_factory, test_corpus):
     return study, folder / "out"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGES, ids=list(DAMAGES))
 def test_damaged_checkpoints_are_one_line_and_touch_nothing(tmp_path, capsys, trained, damage):
     study, original = trained
@@ -667,7 +676,8 @@ def test_damaged_checkpoints_are_one_line_and_touch_nothing(tmp_path, capsys, tr
     assert {p.name: digest(p) for p in out.iterdir()} == before
 
 
-def test_the_issues_truncated_last_pt(tmp_path, trained):
+@pytest.mark.slow
+def test_a_truncated_last_checkpoint_is_one_line_naming_the_file(tmp_path, trained):
     study, original = trained
     out = tmp_path / "runs" / "bad" / "awd-seed141"
     out.mkdir(parents=True)
@@ -683,7 +693,8 @@ def test_the_issues_truncated_last_pt(tmp_path, trained):
                         r"\([^\n]+\); pass --fresh to start over, or --out for a new folder", line), line
 
 
-# Class (item 2): --fresh deletes only what a run wrote; never the folder, never the user's files.
+# Class: --fresh deletes only what a run wrote; never the folder, never the user's files.
+@pytest.mark.slow
 def test_fresh_deletes_only_the_runs_own_files(tmp_path, test_corpus, capsys, trained):
     study, original = trained
     out = tmp_path / "experiments"
@@ -701,7 +712,7 @@ def test_fresh_deletes_only_the_runs_own_files(tmp_path, test_corpus, capsys, tr
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "mine", "results.csv"]
 
 
-# --- output paths (item 13) -----------------------------------------------------------------------------
+# --- output paths -----------------------------------------------------------------------------
 # Class: every output folder option naming a regular file, a folder under a regular file, or a place that
 # cannot be written; refused before anything runs, the file untouched.
 OUTPUTS = [
@@ -729,7 +740,8 @@ def test_output_paths_that_cannot_be_folders(tmp_path, test_corpus, capsys, argv
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml", "somefile"]
 
 
-def test_the_issues_out_is_a_file(tmp_path, test_corpus):
+@pytest.mark.slow
+def test_an_out_folder_that_is_a_file_is_one_line(tmp_path, test_corpus):
     study = study_file(tmp_path, test_corpus)
     (tmp_path / "somefile").write_text("x")
     proc = run_harness("train", study, "--variant", "awd", "--out", "somefile", cwd=tmp_path, check=False)
@@ -737,7 +749,7 @@ def test_the_issues_out_is_a_file(tmp_path, test_corpus):
         "error: --out somefile: somefile is a file, not a folder; pass a folder (it is made if missing)"]
 
 
-# --- faults while working (item 8) ----------------------------------------------------------------------
+# --- faults while working ----------------------------------------------------------------------
 # Class: a checkpoint write that fails (a full disk: /dev/full answers every write with ENOSPC, as a full
 # file system does, with no root or mount needed) is one line naming the file; no partial file is left and
 # the last complete checkpoint is kept.
@@ -795,7 +807,7 @@ def _halted_ablation(tmp_path, test_corpus, plant):
         plant(folder)
         planted.append(folder)
     with pytest.raises(UserError) as info:
-        run_ablation(study, storage=storage, tracking_uri=uri, slots=[Slot(0, "cpu", 1)], runs_dir=runs,
+        run_study(study, storage=storage, tracking_uri=uri, slots=[Slot(0, "cpu", 1)], runs_dir=runs,
                      log=lambda *a: None, plan=False)
     message = str(info.value)
     assert message.startswith("stopped: a trial failed for a reason outside it") and "\n" not in message
@@ -809,6 +821,7 @@ def _halted_ablation(tmp_path, test_corpus, plant):
     return study, storage, uri, runs, planted, message
 
 
+@pytest.mark.slow
 def test_ablate_on_a_full_disk_stops_at_once_and_resumes_once_there_is_space(tmp_path, test_corpus):
     study, storage, uri, runs, planted, message = _halted_ablation(
         tmp_path, test_corpus, lambda folder: (folder / "best.pt.tmp").symlink_to("/dev/full"))
@@ -816,7 +829,7 @@ def test_ablate_on_a_full_disk_stops_at_once_and_resumes_once_there_is_space(tmp
     for folder in planted:  # space again
         for path in folder.iterdir():
             path.unlink()
-    run_ablation(study, storage=storage, tracking_uri=uri, slots=[Slot(0, "cpu", 1)], runs_dir=runs,
+    run_study(study, storage=storage, tracking_uri=uri, slots=[Slot(0, "cpu", 1)], runs_dir=runs,
                  log=lambda *a: None, plan=False)
     for variant in study.variants:
         trials = optuna.load_study(study_name=optuna_name(study, variant, SEARCH), storage=storage).trials
@@ -824,6 +837,7 @@ def test_ablate_on_a_full_disk_stops_at_once_and_resumes_once_there_is_space(tmp
         assert len(complete) == 1 and complete[0].user_attrs["attempt"] == 1
 
 
+@pytest.mark.slow
 def test_ablate_stops_on_another_runs_checkpoints_in_a_trial_folder(tmp_path, test_corpus):
     *_, planted, message = _halted_ablation(
         tmp_path, test_corpus, lambda folder: (folder / "last.pt").write_bytes(b"another study's checkpoint"))

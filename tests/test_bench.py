@@ -1,6 +1,10 @@
 """The throughput benchmark measures every arm against the plain stack, with memory."""
 
+import pytest
+
 from harness.bench import PlainLSTM, SIZES, run_bench
+
+pytestmark = pytest.mark.slow
 
 
 def test_bench_rows_have_ratios_and_memory():
@@ -13,6 +17,7 @@ def test_bench_rows_have_ratios_and_memory():
     assert plain.peak_memory_mb > 20 and locked.peak_memory_mb > 20
 
 
+@pytest.mark.fast
 def test_plain_stack_has_the_awd_sizes():
     model = PlainLSTM(100, SIZES["cpu"])
     assert [(m.input_size, m.hidden_size) for m in model.layers] == [(200, 400), (400, 400), (400, 200)]

@@ -16,7 +16,9 @@ import torch
 from harness.data import Corpus
 from harness.errors import UserError
 from harness.train import CheckpointError, check_splits, clear_checkpoints, train_model
-from test_train import config, tiny_corpus
+from helpers import tiny_config as config, tiny_corpus
+
+pytestmark = pytest.mark.fast
 
 START_OVER = "pass --fresh to start over, or --out for a new folder"
 

@@ -1,8 +1,11 @@
 """The `train` command as a user types it: progress, per-epoch lines, summary, resume, one-line errors."""
 
+import pytest
 import torch
 
-from conftest import REPO, run_harness, study_for_tests
+from helpers import REPO, run_harness, study_for_tests
+
+pytestmark = pytest.mark.slow
 
 CPU_STUDY = REPO / "studies" / "cpu-ptb.toml"
 SHORT = ["--set", "train.train_tokens=6000", "--set", "train.valid_tokens=3000", "--set", "train.test_batch_size=80"]

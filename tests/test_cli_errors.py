@@ -8,9 +8,9 @@ import hashlib
 
 import pytest
 
-from conftest import run_harness
-from test_config import VALID
-from test_data import write_corpus
+from helpers import VALID, run_harness, write_corpus
+
+pytestmark = pytest.mark.slow
 
 STUDY_MISTAKES = {
     "malformed-toml": ("[study\nname=1", "malformed TOML"),

@@ -2,28 +2,14 @@
 
 import pytest
 
-from harness.config import BUILTIN_VARIANTS, SITES, load_study, parse_overrides
+from harness.config import SITES, parse_overrides
+from harness.study.spec import BUILTIN_VARIANTS, load_study
 from harness.errors import UserError
 
-from conftest import REPO
+from helpers import REPO, VALID
 
-VALID = """
-[study]
-name = "t"
-[fixed.dropout]
-embedding = 0.1
-input = 0.4
-hidden = 0.25
-output = 0.4
-weight = 0.5
-[variants.awd]
-[variants.locked_only]
-[variants.mine]
-sites = ["weight", "input"]
-hidden_mode = "timestep"
-[search]
-input = [0.1, 0.6]
-"""
+pytestmark = pytest.mark.fast
+
 
 
 def write(tmp_path, text):

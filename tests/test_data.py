@@ -22,13 +22,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PTB
+from helpers import PTB_DATA_DIR, write_corpus
+
+PTB = PTB_DATA_DIR / "ptb" if PTB_DATA_DIR else None
 from harness import data
 from harness.errors import UserError
 
+pytestmark = pytest.mark.fast
+
 # Whitespace tokens plus one <eos> per line, counted independently with awk '{n += NF + 1}'.
 PTB_TOKENS = {"train": 929_589, "valid": 73_760, "test": 82_430}
-PLAIN = {split: f"{split}.txt" for split in ("train", "valid", "test")}
 
 
 @pytest.fixture(autouse=True)
@@ -40,15 +43,6 @@ def isolated_env(tmp_path, monkeypatch):
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("no_proxy", "*")
-
-
-def write_corpus(folder: Path, train="a b c\nb c d\n", valid="a b\n", test="c d\n", names=PLAIN) -> Path:
-    """Write a tiny corpus (str is written as UTF-8, bytes as is) and return its folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, content in (("train", train), ("valid", valid), ("test", test)):
-        path = folder / names[split]
-        path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
-    return folder
 
 
 def refuse_cache_writes_under(folder: Path, monkeypatch) -> None:
@@ -78,7 +72,8 @@ def ptb(tmp_path_factory):
     return corpus, cache_dir, listing
 
 
-@pytest.mark.ptb
+@pytest.mark.slow
+@pytest.mark.needs("ptb")
 def test_ptb_loads_with_known_sizes(ptb):
     corpus, _, listing = ptb
     assert corpus.name == "ptb" and corpus.path == PTB
@@ -96,7 +91,8 @@ def test_ptb_loads_with_known_sizes(ptb):
     assert sorted(os.listdir(PTB)) == listing  # nothing written beside the shared data
 
 
-@pytest.mark.ptb
+@pytest.mark.slow
+@pytest.mark.needs("ptb")
 def test_ptb_second_load_uses_cache(ptb, monkeypatch):
     corpus, cache_dir, _ = ptb
     monkeypatch.setenv(data.CACHE_DIR_ENV, str(cache_dir))
@@ -333,6 +329,7 @@ def serve_toy_ptb(root: Path, monkeypatch, md5: dict[str, str] | None = None, **
     monkeypatch.setitem(data.KNOWN_CORPORA, "ptb", dataclasses.replace(data.KNOWN_CORPORA["ptb"], md5=known))
 
 
+@pytest.mark.slow
 def test_fetch_verifies_writes_md5sums_and_loads(tmp_path, server, monkeypatch):
     root, base_url = server
     # A hostile extra member must not land anywhere: only the registry's members are extracted.
@@ -353,6 +350,7 @@ def test_fetch_verifies_writes_md5sums_and_loads(tmp_path, server, monkeypatch):
     assert len(corpus.train) == 8 and corpus.unk_counts == {"valid": 0, "test": 0}
 
 
+@pytest.mark.slow
 def test_load_fetches_missing_known_corpus_from_env_mirror(tmp_path, server, monkeypatch):
     root, base_url = server
     serve_toy_ptb(root, monkeypatch)
@@ -361,6 +359,7 @@ def test_load_fetches_missing_known_corpus_from_env_mirror(tmp_path, server, mon
     assert corpus.path == tmp_path / "data" / "ptb" and corpus.vocab_size == 6
 
 
+@pytest.mark.slow
 def test_fetch_zip_without_known_md5s(tmp_path, server):
     root, base_url = server
     with zipfile.ZipFile(root / "wikitext-2-v1.zip", "w") as zf:
@@ -371,6 +370,7 @@ def test_fetch_zip_without_known_md5s(tmp_path, server):
     assert (folder / "MD5SUMS").read_text().startswith(hashlib.md5(TOY_PTB["train"]).hexdigest())
 
 
+@pytest.mark.slow
 def test_fetch_wrong_checksum_names_file_and_md5s(tmp_path, server, monkeypatch):
     root, base_url = server
     wrong = {"train": "0" * 32, "valid": hashlib.md5(TOY_PTB["valid"]).hexdigest()}
@@ -383,6 +383,7 @@ def test_fetch_wrong_checksum_names_file_and_md5s(tmp_path, server, monkeypatch)
     assert not list((tmp_path / "data" / "ptb").iterdir())  # nothing half-fetched is left behind
 
 
+@pytest.mark.slow
 def test_fetch_refuses_link_members(tmp_path, server, monkeypatch):
     root, base_url = server
     members = {f"simple-examples/data/ptb.{s}.txt": TOY_PTB[s] for s in ("train", "valid")}
@@ -404,6 +405,7 @@ def test_fetch_unreachable_url_fails_fast_with_instructions(tmp_path):
     assert "python -m harness data fetch ptb" in message and str(tmp_path / "data" / "ptb") in message
 
 
+@pytest.mark.slow
 def test_fetch_missing_archive_and_unknown_name(tmp_path, server):
     _, base_url = server
     with pytest.raises(UserError, match="simple-examples.tgz"):

@@ -3,16 +3,19 @@
 Needs PostgreSQL installed (see shared_stores.py); about two minutes on two cores.
 """
 
+import pytest
 from mlflow import MlflowClient
 
-from conftest import SMOKE_STUDY, run_harness, study_for_tests, with_corpus
-from harness.config import load_study
-from harness.ledger import trials_for
-from harness.stores import redact
+from helpers import SMOKE_STUDY, TINY, run_harness, study_for_tests, with_corpus
+from harness.study.rules import trials_for
+from harness.study.spec import load_study
+from harness.study.stores import redact
 from shared_stores import PG_PASSWORD, Audit, audit
-from test_ablation import TINY
+
+pytestmark = pytest.mark.servers
 
 
+@pytest.mark.fast
 def test_redact_masks_passwords_and_leaves_the_rest():
     assert redact("postgresql://harness:p%40ss:w@db:5432/optuna") == "postgresql://harness:***@db:5432/optuna"
     assert redact("postgresql://u:pw@[::1]/db?sslmode=require&password=pw") == \

@@ -23,6 +23,8 @@ from harness.dropout import (
     make_hidden_dropout,
 )
 
+pytestmark = pytest.mark.fast
+
 P = 0.4
 SCALE = 1 / (1 - P)
 

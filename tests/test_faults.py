@@ -5,6 +5,7 @@ run twice (shared_stores.audit), and the session prints the figures.
 The PostgreSQL ones need it installed (see shared_stores.py); about five minutes on two cores in all.
 """
 
+import pytest
 import dataclasses
 import socket
 import threading
@@ -13,13 +14,14 @@ import time
 import optuna
 from optuna.trial import TrialState
 
-from conftest import run_harness, with_corpus
-from harness.config import load_study
-from harness.ledger import SEARCH, optuna_name
-from harness.scheduler import Scheduler, Slot
-from harness.stores import redact
-from shared_stores import PG_PASSWORD, Audit, audit, free_port, running_trial, wait_for
-from test_ablation import TINY, open_ablation
+from helpers import TINY, free_port, open_coordinator, run_harness, wait_for, with_corpus
+from harness.study.rules import SEARCH, optuna_name
+from harness.study.scheduler import Scheduler, Slot
+from harness.study.spec import load_study
+from harness.study.stores import redact
+from shared_stores import PG_PASSWORD, Audit, audit, running_trial
+
+pytestmark = pytest.mark.servers
 
 
 def fault_study(tmp_path, corpus, name: str, trials=2, seeds="[1]", epochs=4):
@@ -54,6 +56,7 @@ def test_killed_machine_goes_stale_and_its_trial_is_retried(tmp_path, postgres, 
     assert f"retry  {variant}/search/{victim.number}" in survivor.output
 
 
+@pytest.mark.slow
 def test_killed_coordinator_resumes_with_nothing_lost_or_duplicated(tmp_path, launch, figures, test_corpus):
     study = fault_study(tmp_path, test_corpus, "killed-coordinator", seeds="[]")
     storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -76,29 +79,29 @@ def test_killed_coordinator_resumes_with_nothing_lost_or_duplicated(tmp_path, la
             assert retry.state == TrialState.COMPLETE and retry.user_attrs["attempt"] == failed.user_attrs["attempt"]
 
 
+@pytest.mark.slow
 def test_nan_loss_fails_its_trial_with_the_reason_and_the_others_go_on(tmp_path, figures, test_corpus):
     study = fault_study(tmp_path, test_corpus, "nan-loss", seeds="[]", epochs=2)
     storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    ablation = open_ablation(study, storage, uri, tmp_path / "runs")
+    coordinator = open_coordinator(study, storage, uri, tmp_path / "runs")
     poisoned = []
-    next_task = ablation.next_task
+    next_task = coordinator.next_task
 
     def poison_the_first_task(slot):
         task = next_task(slot)
         if task is not None and not poisoned:
             poisoned.append(task.key)
-            config = {**task.config, "train": {**task.config["train"], "lr": 1e12, "clip": 0.0}}
-            task = dataclasses.replace(task, config=config)
+            task = dataclasses.replace(task, config=task.config.replace({"train.lr": 1e12, "train.clip": 0.0}))
         return task
 
-    ablation.next_task = poison_the_first_task
-    Scheduler([Slot(0, "cpu", 1), Slot(1, "cpu", 1)], tick_seconds=0.2).run(ablation)
+    coordinator.next_task = poison_the_first_task
+    Scheduler([Slot(0, "cpu", 1), Slot(1, "cpu", 1)], tick_seconds=0.2).run(coordinator)
     result = figures(audit(study, storage, uri), faults=1)
     assert result == Audit(trials_run=2 * 2 + 1, retries=1, lost=0, duplicates=0, open_runs=0)
     variant, _, number = poisoned[0].split("/")
-    failed = ablation.ledger.studies[(variant, SEARCH)].trials[int(number)]
+    failed = coordinator.ledger.studies[(variant, SEARCH)].trials[int(number)]
     assert failed.state == TrialState.FAIL and "loss became nan" in failed.user_attrs["fail_reason"]
-    run = ablation.tracker.client.get_run(failed.user_attrs["mlflow_run_id"])
+    run = coordinator.tracker.client.get_run(failed.user_attrs["mlflow_run_id"])
     assert run.data.tags["state"] == "failed" and "loss became nan" in run.data.tags["fail_reason"]
 
 
@@ -131,7 +134,7 @@ def test_postgres_restart_mid_study_loses_nothing(tmp_path, postgres, mlflow_ser
 def test_coordinator_waits_out_a_storage_outage(tmp_path, postgres, test_corpus):
     study = fault_study(tmp_path, test_corpus, "outage", trials=1, seeds="[]")
     lines = []
-    ablation = open_ablation(study, postgres.create_database("outage"), f"sqlite:///{tmp_path / 'mlflow.db'}",
+    coordinator = open_coordinator(study, postgres.create_database("outage"), f"sqlite:///{tmp_path / 'mlflow.db'}",
                              tmp_path / "runs", log=lines.append, heartbeat=1)
     postgres.stop()
 
@@ -142,7 +145,7 @@ def test_coordinator_waits_out_a_storage_outage(tmp_path, postgres, test_corpus)
     restart = threading.Thread(target=restart_once_noticed)
     restart.start()
     try:
-        task = ablation.next_task(Slot(0, "cpu", 1))  # needs the storage: waits for it to come back
+        task = coordinator.next_task(Slot(0, "cpu", 1))  # needs the storage: waits for it to come back
     finally:
         restart.join()
     assert task is not None and task.key.endswith("/search/0")
@@ -150,6 +153,7 @@ def test_coordinator_waits_out_a_storage_outage(tmp_path, postgres, test_corpus)
     assert any("answers again" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_unreachable_servers_fail_within_seconds_with_one_line(tmp_path, test_corpus):
     study = fault_study(tmp_path, test_corpus, "unreachable", epochs=1)
     closed = free_port()

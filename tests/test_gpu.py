@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.bench import peak_step_bytes, weight_drop_memory
+from harness.gpu_check.probes import peak_step_bytes, weight_drop_memory
 from harness.config import HIDDEN_MODES, DropoutConfig, ModelConfig, RunConfig, TrainConfig
 from harness.dropout import WeightDropLSTM
 from harness.model import AWDLSTM
 from harness.train import NTASGD
 from test_dropout import lstm_like, run
 
-pytestmark = [
+pytestmark = [pytest.mark.fast, 
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"),
 ]

@@ -7,7 +7,9 @@ Run: .venv/bin/python -m pytest -q tests/test_gpu_check.py
 
 import hashlib
 import importlib.metadata
+import dataclasses
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -20,18 +22,23 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from conftest import study_for_tests
-from harness import gpu_check
-from harness.bench import BenchRow, WeightDropMemory, pack_trials
-from harness.config import load_study
+from helpers import study_for_tests
+from harness.bench import BenchRow
 from harness.data import batchify, bptt_positions, load_corpus
 from harness.errors import UserError
-from harness.gpu_check import (
-    BUNDLE_PACKAGES, ERROR, FAIL, INFO, OVERRAN, PASS, REHEARSED, SKIPPED, CheckRow, Part, bundle_corpus,
-    epoch_tokens, exit_code, format_table, judge_bench, judge_memory, junit_rows, packing_tokens, part_seconds,
+from harness.gpu_check import parts as gpu_parts
+from harness.gpu_check.bundle import BUNDLE_PACKAGES, bundle_corpus, device_command
+from harness.gpu_check.check import (
+    ERROR, FAIL, INFO, OVERRAN, PASS, REHEARSED, SKIPPED, CheckRow, Part, exit_code, format_table, part_seconds,
     run_check,
 )
-from harness.scheduler import Slot
+from harness.gpu_check.parts import epoch_tokens, judge_bench, judge_memory, junit_rows, packing_tokens
+from harness.gpu_check import probes
+from harness.gpu_check.probes import WeightDropMemory, pack_trials
+from harness.study.scheduler import Slot
+from harness.study.spec import load_study
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,13 +77,13 @@ def _alive(pid: int) -> bool:
 
 
 def test_without_cuda_every_part_is_skipped_with_the_reason_and_the_exit_code_is_0(tmp_path, capsys):
-    assert run_check(tmp_path, cuda=False) == 0
+    assert run_check(tmp_path, gpu_parts.PARTS, cuda=False) == 0
     rows = json.loads((tmp_path / "gpu-check.json").read_text())["rows"]
-    assert [r["part"] for r in rows] == [p.title for p in gpu_check.PARTS]
+    assert [r["part"] for r in rows] == [p.title for p in gpu_parts.PARTS]
     assert all(r["result"] == SKIPPED and "no CUDA device" in r["why"] for r in rows)
     printed = capsys.readouterr().out
-    assert printed.count("skipped: no CUDA device") >= 2 * len(gpu_check.PARTS)  # progress lines and table
-    assert (tmp_path / "gpu-check.md").read_text().count("| skipped: no CUDA device") == len(gpu_check.PARTS)
+    assert printed.count("skipped: no CUDA device") >= 2 * len(gpu_parts.PARTS)  # progress lines and table
+    assert (tmp_path / "gpu-check.md").read_text().count("| skipped: no CUDA device") == len(gpu_parts.PARTS)
 
 
 def test_a_failing_or_overrunning_part_gets_its_row_and_the_others_still_run(tmp_path):
@@ -96,6 +103,7 @@ def test_a_failing_or_overrunning_part_gets_its_row_and_the_others_still_run(tmp
     assert not _alive(rows[0].numbers["pid"]) and not _alive(rows[0].numbers["child"])
 
 
+@pytest.mark.fast
 def test_each_part_gets_its_cap_less_what_the_later_parts_need():
     parts = [_part("a", None, cap=100, minimum=10), _part("b", None, cap=100, minimum=20),
              _part("c", None, cap=100, minimum=30)]
@@ -121,6 +129,7 @@ def test_rehearsal_marks_judged_rows_and_skips_what_needs_a_gpu(tmp_path):
 # ---- table, exit code, judges ---------------------------------------------------------------------
 
 
+@pytest.mark.fast
 def test_table_has_one_row_per_check_and_keeps_cells_intact():
     rows = [CheckRow("2 bench", "AWD | plain", PASS, "0.95x", ">= 0.9x"),
             CheckRow("3 epoch", "one epoch", SKIPPED, why="no CUDA\ndevice")]
@@ -131,12 +140,14 @@ def test_table_has_one_row_per_check_and_keeps_cells_intact():
     assert lines[5] == "| 3 epoch | one epoch | skipped: no CUDA device |  |  |"
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("results, code", [
     ((PASS, SKIPPED, INFO, REHEARSED), 0), ((PASS, FAIL), 1), ((PASS, ERROR), 1), ((SKIPPED, OVERRAN), 1), ((), 0)])
 def test_exit_code_is_0_only_when_no_part_failed_errored_or_overran(results, code):
     assert exit_code([CheckRow("p", "w", r) for r in results]) == code
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("ratio, result", [(0.9, PASS), (1.2, PASS), (0.89, FAIL)])
 def test_bench_passes_at_the_target_ratio(ratio, result):
     plain = BenchRow("paper", "plain", 1000.0, 1.0, float("nan"), 800.0, 80)
@@ -145,6 +156,7 @@ def test_bench_passes_at_the_target_ratio(ratio, result):
     assert row["result"] == result and "batch 80" in row["what"] and row["ratio"] == ratio
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("step, held, results", [
     (2.0, 1.0, [PASS, PASS]), (2.5, 1.01, [PASS, PASS]), (3.4, 1.0, [FAIL, PASS]), (1.0, 2.0, [PASS, FAIL])])
 def test_memory_passes_with_mask_and_masked_gradient_and_fails_with_a_copy(step, held, results):
@@ -153,6 +165,7 @@ def test_memory_passes_with_mask_and_masked_gradient_and_fails_with_a_copy(step,
     assert [row.result for row in judge_memory(memory, "1 memory")] == results
 
 
+@pytest.mark.fast
 def test_epoch_tokens_are_the_tokens_an_epoch_trains_on():
     import torch
 
@@ -162,6 +175,7 @@ def test_epoch_tokens_are_the_tokens_an_epoch_trains_on():
         assert epoch_tokens(n, batch) == trained
 
 
+@pytest.mark.fast
 def test_packing_trials_are_sized_from_the_measured_speed():
     assert packing_tokens(40_000, 2.0, 20, 70) == 57 * 1400 + 20  # 80k tokens: 57 whole windows
     assert packing_tokens(None, 2.0, 20, 70) == 71 * 1400 + 20  # unknown: about 100k
@@ -202,10 +216,29 @@ def test_pack_trials_runs_a_wave_at_once_and_counts_every_trained_token(tmp_path
     assert result.steady_tokens_per_s > result.wall_tokens_per_s
 
 
+def test_a_failed_trial_stops_its_wave_and_leaves_no_worker_behind(tmp_path, test_corpus, monkeypatch):
+    config = load_study(study_for_tests(REPO / "studies" / "smoke.toml", test_corpus, tmp_path)).run_config(
+        "awd", {"train.epochs": 200, "train.train_tokens": 2_000, "train.valid_tokens": 1_000})
+    load_corpus(config.corpus, log=lambda *a: None)
+
+    class FirstDiverges(probes.EqualTrials):  # the wave's first trial diverges at once, its mate trains on
+        def next_task(self, slot):
+            task = super().next_task(slot)
+            if task is not None and task.key == "task0":
+                task = dataclasses.replace(task, config=task.config.replace({"train.lr": 1e12, "train.clip": 0.0}))
+            return task
+
+    monkeypatch.setattr(probes, "EqualTrials", FirstDiverges)
+    with pytest.raises(RuntimeError, match="loss became"):
+        probes.pack_trials(config, [[Slot(0, "cpu", 1), Slot(1, "cpu", 1)]], log=lambda *a: None)
+    assert multiprocessing.active_children() == []  # the mate was stopped, not left to train 200 epochs
+
+
 # ---- the bundle, and what a bare torch machine needs ----------------------------------------------
 
 
-@pytest.mark.ptb
+@pytest.mark.fast
+@pytest.mark.needs("ptb")
 def test_bundled_corpus_is_verified_against_the_published_md5s(tmp_path, data_dir):
     bundle_corpus(data_dir, tmp_path / "data")
     assert load_corpus("ptb", tmp_path / "data", fetch_missing=False, log=lambda *a: None).vocab_size == 10_000
@@ -292,8 +325,9 @@ def test_the_check_imports_only_torch_numpy_pytest_and_the_bundled_packages(tmp_
     env = {**os.environ, "PYTHONPATH": str(write_blocker(tmp_path / "block", None)), "CUDA_VISIBLE_DEVICES": ""}
     script = textwrap.dedent(f"""
         import sys
-        import harness.gpu_check, harness.bench, harness.train, harness.scheduler, harness.data, harness.model
-        code = harness.gpu_check.main(["--out", {str(tmp_path / "out")!r}])
+        import harness.gpu_check.__main__, harness.bench, harness.train, harness.study.scheduler, harness.data
+        import harness.model
+        code = harness.gpu_check.__main__.main(["--out", {str(tmp_path / "out")!r}])
         print(sorted(m for m in {list(BUNDLE_PACKAGES)!r} if m in sys.modules), code)
     """)
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True)
@@ -319,9 +353,9 @@ def test_the_device_command_runs_from_a_bare_tree_with_the_bundle(tmp_path):
     (bin_dir / "python3").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
            "PYTHONPATH": str(write_blocker(tmp_path / "block", site)), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(["bash", "-c", gpu_check.device_command()], cwd=tree, env=env, capture_output=True,
+    proc = subprocess.run(["bash", "-c", device_command()], cwd=tree, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no part ran here (exit code 0)" in proc.stdout
-    assert (tmp_path / "out" / "gpu-check.md").exists() and len(gpu_check.device_command()) < 2000
+    assert (tmp_path / "out" / "gpu-check.md").exists() and len(device_command()) < 2000
 

@@ -18,6 +18,8 @@ from harness.config import DropoutConfig, ModelConfig, RunConfig, TrainConfig
 from harness.data import load_corpus
 from harness.train import train_model
 
+pytestmark = pytest.mark.slow
+
 # Light rates: with 50k training tokens there is little to regularise, and dropout at validation (a bug)
 # then still costs about 0.1 nats, far outside the margin below.
 LIGHT = DropoutConfig(embedding=0.05, input=0.1, hidden=0.1, output=0.1, weight=0.1)

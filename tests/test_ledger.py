@@ -1,4 +1,4 @@
-"""The study's bookkeeping rules (harness.ledger), fast, on Optuna's in-memory storage: no processes, no training.
+"""The study's bookkeeping rules (harness.study.ledger), fast, on Optuna's in-memory storage: no processes, no training.
 
 Each test pins one rule whose violation would change a reported number: the budget, retries and attempts,
 pruning and its warm-up, the confirmation's parameters, resumed searches, identity checks, outages.
@@ -16,15 +16,20 @@ import sqlalchemy
 from optuna.distributions import FloatDistribution
 from optuna.storages import InMemoryStorage, RDBStorage
 from optuna.trial import TrialState
-from shared_stores import free_port
+from helpers import free_port
 
-from harness.config import load_study
 from harness.errors import UserError
-from harness.ledger import (
-    CONFIRM, RECONNECT_SECONDS, SEARCH, Heartbeat, Ledger, Tally, check_storage, dashboard_command, default_params,
-    holds_study, is_shared, make_pruner, open_storage, optuna_name, search_space, tally_trials,
+from harness.study.ledger.reader import LedgerReader
+from harness.study.ledger.storage import (
+    RECONNECT_SECONDS, Heartbeat, check_storage, dashboard_command, is_shared, open_storage,
 )
-from harness.stores import STALE_AFTER
+from harness.study.ledger.studies import holds_study, trial_kind
+from harness.study.ledger.writer import Ledger, distributions, make_pruner
+from harness.study.rules import CONFIRM, SEARCH, Tally, default_params, optuna_name
+from harness.study.spec import load_study
+from harness.study.stores import STALE_AFTER
+
+pytestmark = pytest.mark.fast
 
 STUDY = """
 [study]
@@ -68,6 +73,11 @@ def make_study(tmp_path, trials=4, pruner="none", warmup=2, sampler="tpe", edits
 def open_ledger(study, storage=None, md5=None):
     return Ledger(study, storage or InMemoryStorage(), study.identity(md5 or {"train": "a", "valid": "b", "test": "c"},
                                                                        {"train": "/corpus/train.txt"}), log=lambda *a: None)
+
+
+def reader_of(ledger):
+    """The report's read-only view of what the coordinator's ledger wrote."""
+    return LedgerReader(ledger.study, ledger.storage, ledger.identity, log=lambda *a: None)
 
 
 def objective(params: dict) -> float:
@@ -144,8 +154,8 @@ def test_a_pruned_trial_is_never_counted_finished_or_best(tmp_path):
     assert ledger.tally("awd", SEARCH) == Tally(finished=1, pruned=1)
     params, value, number = ledger.best("awd")
     assert (value, number) == (120.0, finished.number)
-    assert [t.state for t in ledger.search_trials("awd")] == ["pruned", "finished"]
-    assert ledger.search_trials("awd")[0].best_seen == 50.0 and ledger.search_trials("awd")[0].value is None
+    assert [t.state for t in reader_of(ledger).search_trials("awd")] == ["pruned", "finished"]
+    assert reader_of(ledger).search_trials("awd")[0].best_seen == 50.0 and reader_of(ledger).search_trials("awd")[0].value is None
 
 
 def test_confirmation_retrains_the_best_search_parameters_and_optuna_shows_them(tmp_path):
@@ -283,7 +293,7 @@ def test_the_ledger_waits_out_a_storage_outage(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ledger.storage, "get_all_trials", flaky)
-    monkeypatch.setattr("harness.ledger.time.sleep", lambda s: None)
+    monkeypatch.setattr("harness.study.ledger.storage.time.sleep", lambda s: None)
     assert ledger.tally("awd", SEARCH).waiting == 4
     assert len(calls) == 3 and "does not answer" in lines[0] and "answers again" in lines[-1]
 
@@ -296,7 +306,7 @@ def test_tally_is_the_one_rule_for_what_each_state_counts_as():
     trials = [trial(TrialState.COMPLETE), trial(TrialState.PRUNED), trial(TrialState.FAIL, retried=False),
               trial(TrialState.FAIL, retried=True), trial(TrialState.FAIL, retried=True, interrupted=True),
               trial(TrialState.RUNNING), trial(TrialState.WAITING)]
-    tally = tally_trials(trials)
+    tally = Tally.of(map(trial_kind, trials))
     assert tally == Tally(1, 1, 1, 1, 1, 1, 1) and tally.settled == 3 and tally.attempts == 4
 
 
@@ -316,7 +326,7 @@ def test_names_are_per_variant_and_phase(tmp_path):
 def test_parameter_importances_need_enough_finished_trials(tmp_path):
     study = make_study(tmp_path, trials=20)
     ledger = open_ledger(study)
-    assert ledger.importances("no_dropout", 5) == "nothing is searched in this variant."
+    assert reader_of(ledger).importances("no_dropout", 5) == "nothing is searched in this variant."
 
     def finish(n):
         for _ in range(n):
@@ -326,9 +336,9 @@ def test_parameter_importances_need_enough_finished_trials(tmp_path):
             ledger.finish(claim, 100 + 10 * p["dropout.input"] + 0.1 * p["dropout.hidden"], {})
 
     finish(3)
-    assert ledger.importances("awd", 5).startswith("3 finished search trials: too few")
+    assert reader_of(ledger).importances("awd", 5).startswith("3 finished search trials: too few")
     finish(17)
-    importances = ledger.importances("awd", 5)
+    importances = reader_of(ledger).importances("awd", 5)
     assert max(importances, key=importances.get) == "dropout.input"
     assert sum(importances.values()) == pytest.approx(1.0)
 
@@ -355,7 +365,7 @@ def test_open_storage_opens_a_sqlite_file_and_refuses_what_would_not_work(tmp_pa
     def locked(url, **kwargs):
         raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("database is locked"))
 
-    monkeypatch.setattr("harness.ledger.RDBStorage", locked)
+    monkeypatch.setattr("harness.study.ledger.storage.RDBStorage", locked)
     with pytest.raises(UserError) as err:
         open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     assert str(err.value) == (f"--storage sqlite:///{tmp_path / 'study.db'}: {tmp_path / 'study.db'} cannot be opened "
@@ -378,6 +388,7 @@ def test_an_unreachable_postgresql_is_named_without_its_password():
         check_storage(url)
 
 
+@pytest.mark.servers
 def test_open_storage_on_postgresql_beats_and_survives_a_server_restart(postgres):
     url = postgres.create_database("ledger_open_storage")
     with warnings.catch_warnings(record=True) as caught:
@@ -394,6 +405,7 @@ def test_open_storage_on_postgresql_beats_and_survives_a_server_restart(postgres
     storage.engine.dispose()
 
 
+@pytest.mark.slow
 def test_a_postgresql_that_does_not_answer_is_reported_within_seconds():
     # A port that accepts connections but never answers (a server hung, or a firewall that swallows packets):
     # without a connect timeout (5 s) the driver would wait forever. The watchdog (30 s, room for a loaded
@@ -462,6 +474,7 @@ def test_the_heartbeat_thread_beats_for_the_running_trials_until_it_stops(tmp_pa
         raise KeyError("from the block")
 
 
+@pytest.mark.slow
 def test_a_heartbeat_the_storage_refuses_is_tried_again_at_the_next_interval(tmp_path):
     storage, beats, beaten = heartbeat_storage(tmp_path)
     trial = optuna.create_study(storage=storage).ask()
@@ -494,14 +507,14 @@ def test_without_heartbeats_nothing_beats(tmp_path):
 def test_tally_counts_every_trial_of_a_state():
     trials = [optuna.trial.create_trial(state=TrialState.PRUNED) for _ in range(2)]
     trials += [_Fake(TrialState.RUNNING, {}) for _ in range(3)]
-    assert tally_trials(trials) == Tally(pruned=2, running=3)
+    assert Tally.of(map(trial_kind, trials)) == Tally(pruned=2, running=3)
 
 
 @pytest.mark.parametrize("lr_range, paper_lr", [("[1.0, 40.0]", 30.0), ("[1.0, 10.0]", 10.0)])
 def test_the_learning_rate_is_searched_on_a_log_scale_from_the_paper_value(tmp_path, lr_range, paper_lr):
     study = make_study(tmp_path, trials=3, edits=[("seed = 3\n", f"seed = 3\nlr = {lr_range}\n")])
     low, high = json.loads(lr_range)
-    space = search_space(study, "awd")
+    space = distributions(study, "awd")
     assert space["train.lr"] == FloatDistribution(low, high, log=True)
     assert space["dropout.input"] == FloatDistribution(0.1, 0.6)
     # The paper's lr (30) goes first, clipped into the range.
@@ -509,7 +522,7 @@ def test_the_learning_rate_is_searched_on_a_log_scale_from_the_paper_value(tmp_p
     ledger = open_ledger(study)
     first = ledger.claim("awd", SEARCH)
     assert first.params["train.lr"] == paper_lr
-    assert search_space(study, "no_dropout") == {"train.lr": FloatDistribution(low, high, log=True)}
+    assert distributions(study, "no_dropout") == {"train.lr": FloatDistribution(low, high, log=True)}
 
 
 def draws(study, variant="awd", objective_=objective, storage=None):
@@ -643,20 +656,20 @@ def test_the_report_opens_an_existing_study_and_nothing_else(tmp_path):
     identity = study.identity({"train": "a", "valid": "b", "test": "c"}, {"train": "/corpus/train.txt"})
     assert not holds_study(storage, study)
     with pytest.raises(UserError, match=r"^InMemoryStorage holds no Optuna study of 'ledger'$"):
-        Ledger(study, storage, identity, log=lambda *a: None, create=False)
+        LedgerReader(study, storage, identity, log=lambda *a: None)
     writer = open_ledger(study, storage)
     run_search(writer)
     assert holds_study(storage, study)
     optuna.delete_study(study_name=optuna_name(study, "awd", CONFIRM), storage=storage)
     assert holds_study(storage, study)
-    reader = Ledger(study, storage, identity, log=lambda *a: None, create=False)
+    reader = LedgerReader(study, storage, identity, log=lambda *a: None)
     assert set(reader.studies) == set(writer.studies) - {("awd", CONFIRM)}
     assert reader.has("awd", SEARCH) and not reader.has("awd", CONFIRM)
     assert reader.tally("awd", SEARCH) == Tally(finished=2) and reader.tally("awd", CONFIRM) == Tally()
     assert optuna.get_all_study_names(storage).count(optuna_name(study, "awd", SEARCH)) == 1
     changed = study.identity({"train": "z", "valid": "b", "test": "c"}, {"train": "/corpus/train.txt"})
     with pytest.raises(UserError, match=r"/corpus/train.txt \(MD5 a -> z\).*in InMemoryStorage\)$"):
-        Ledger(study, storage, changed, log=lambda *a: None, create=False)
+        LedgerReader(study, storage, changed, log=lambda *a: None)
 
 
 def test_a_refusal_names_the_storage_it_came_from(tmp_path):
@@ -677,8 +690,8 @@ def fake_shared(monkeypatch, storage):
         locks.append((engine, key))
         yield
 
-    monkeypatch.setattr("harness.ledger.is_shared", lambda s: s is storage)
-    monkeypatch.setattr("harness.ledger.advisory_lock", lock)
+    monkeypatch.setattr("harness.study.ledger.writer.is_shared", lambda s: s is storage)
+    monkeypatch.setattr("harness.study.ledger.writer.advisory_lock", lock)
     return locks
 
 
@@ -703,8 +716,8 @@ class Clock:
 
     def __init__(self, monkeypatch, now=1000.0):
         self.now = now
-        monkeypatch.setattr("harness.ledger.time.monotonic", lambda: self.now)
-        monkeypatch.setattr("harness.ledger.time.sleep", self.sleep)
+        monkeypatch.setattr("harness.study.ledger.storage.time.monotonic", lambda: self.now)
+        monkeypatch.setattr("harness.study.ledger.storage.time.sleep", self.sleep)
 
     def sleep(self, seconds):
         self.now += seconds

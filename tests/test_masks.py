@@ -18,6 +18,8 @@ from harness.masks import (
     write_mask_figures,
 )
 
+pytestmark = pytest.mark.fast
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

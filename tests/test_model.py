@@ -10,6 +10,8 @@ from torch import nn
 from harness.config import DropoutConfig, ModelConfig
 from harness.model import AWDLSTM, detach_state
 
+pytestmark = pytest.mark.fast
+
 SIZES = ModelConfig(emb_size=8, hidden_size=12, n_layers=3)
 AWD = DropoutConfig(embedding=0.1, input=0.4, hidden=0.25, output=0.4, weight=0.5)
 

@@ -1,4 +1,4 @@
-"""Cost before running (harness.plan): the schedule simulation, the runs per phase, the pruning assumption, a real
+"""Cost before running (harness.study.plan): the schedule simulation, the runs per phase, the pruning assumption, a real
 calibration on the test corpus, the estimate built from it, and the `plan` command. No absolute times: only
 known makespans of hand-made durations, ratios, and the structure of what is measured."""
 
@@ -7,15 +7,17 @@ import types
 
 import pytest
 
-from conftest import study_for_tests
+from helpers import study_for_tests
 from harness.cli import main
-from harness.config import load_study
 from harness.errors import UserError
-from harness.ledger import CONFIRM, SEARCH
-from harness.plan import (
-    Calibration, EpochTimes, calibrate, count_runs, estimate, pruning_assumption, read_epoch_times, simulate_schedule,
+from harness.study.plan import (
+    Calibration, EpochTimes, calibrate, estimate, pruning_assumption, read_epoch_times, simulate_schedule,
 )
-from harness.scheduler import Slot
+from harness.study.rules import CONFIRM, SEARCH, count_runs
+from harness.study.scheduler import Slot
+from harness.study.spec import load_study
+
+pytestmark = pytest.mark.fast
 
 STUDY = """
 [study]
@@ -225,6 +227,7 @@ def calibrated(tiny) -> Calibration:
     return calibrate(tiny, [Slot(0, "cpu", 1), Slot(1, "cpu", 1)], budget_seconds=600)  # a busy machine may be slow
 
 
+@pytest.mark.slow
 def test_calibration_times_every_variant_and_the_per_run_costs(calibrated, tiny):
     assert set(calibrated.measured) == set(tiny.variants) == set(calibrated.train_seconds_per_token)
     assert all(rate > 0 for rate in calibrated.train_seconds_per_token.values())
@@ -234,6 +237,7 @@ def test_calibration_times_every_variant_and_the_per_run_costs(calibrated, tiny)
     assert "2 slots" in calibrated.slots and calibrated.device == "cpu"
 
 
+@pytest.mark.slow
 def test_calibration_out_of_time_sets_the_others_to_the_measured_mean(tiny):
     partial = calibrate(tiny, [Slot(0, "cpu", 1)], budget_seconds=0)
     assert len(partial.measured) == 1
@@ -241,6 +245,7 @@ def test_calibration_out_of_time_sets_the_others_to_the_measured_mean(tiny):
     assert all(r == rate for r in partial.train_seconds_per_token.values())
 
 
+@pytest.mark.slow
 def test_estimate_from_a_calibration_is_positive_and_scales_with_epochs(calibrated, tiny, tmp_path, test_corpus):
     from harness.data import load_corpus
 
@@ -257,14 +262,16 @@ def test_estimate_from_a_calibration_is_positive_and_scales_with_epochs(calibrat
     assert longer.wall_seconds > short.wall_seconds > 0
 
 
+@pytest.mark.slow
 def test_slots_that_mix_cpu_and_gpu_are_refused(tiny):
     with pytest.raises(UserError, match="mix cpu and cuda"):
         calibrate(tiny, [Slot(0, "cpu", 1), Slot(1, "cuda:0", 1)])
 
 
 # --- the command ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_plan_command_prints_the_table(monkeypatch, capsys, calibrated, tiny):
-    monkeypatch.setattr("harness.plan.calibrate", lambda *args, **kwargs: calibrated)  # measured once, above
+    monkeypatch.setattr("harness.study.plan.calibrate", lambda *args, **kwargs: calibrated)  # measured once, above
     assert main(["plan", str(tiny.path), "--devices", "cpu", "--trials-per-device", "2"]) == 0
     out = capsys.readouterr().out
     for variant in tiny.variants:
@@ -280,6 +287,7 @@ def test_plan_command_prints_the_table(monkeypatch, capsys, calibrated, tiny):
     assert "no variant awd" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ablate_prints_the_estimate_and_compares_it_at_the_end(smoke_run):
     assert "wall time:" in smoke_run.output and "pruning: the figures above assume none" in smoke_run.output
     assert "this session took" in smoke_run.output.split("results:")[0]

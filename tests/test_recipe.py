@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from harness import train
-from harness.config import DropoutConfig, ModelConfig, RunConfig
+from harness.config import DropoutConfig, ModelConfig
 from harness.data import batchify, sample_seq_len
 from harness.model import AWDLSTM
 from harness.train import NTASGD, evaluate, train_model
-from test_train import AWD, config, tiny_corpus
+from helpers import TINY_RATES as AWD, tiny_config as config, tiny_corpus
+
+pytestmark = pytest.mark.fast
 
 
 def params_of(model) -> list[torch.Tensor]:

@@ -2,7 +2,7 @@
 independent recomputation (pandas and scipy on MLflow's raw metrics) gives the same headline; a rebuild is
 identical; partial studies say what is missing; logged strings are escaped; a study that never ran is a clear error.
 
-Run: .venv/bin/python -m pytest -q tests/test_report.py   (needs /usr/bin/chromium; AWD_SKIP_BROWSER=1 skips it)
+Run: .venv/bin/python -m pytest -q tests/test_report.py   (the browser test needs Chromium)
 """
 
 import asyncio
@@ -25,14 +25,17 @@ from mlflow import MlflowClient
 from scipy import stats as scipy_stats
 
 from harness.cli import build_parser
-from harness.config import load_study, parse_overrides
+from harness.config import parse_overrides
+from harness.study.spec import load_study
 from harness.errors import UserError
 from harness.report import build_report
 from harness.report.logs import read_logs
 from harness.report.page import render_html
 from harness.report.summary import conclusions, rerun_commands, summarize
+from helpers import CHROMIUM
 
-CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.slow
+
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync")
 NASTY = "<script>alert('x')</script> & \"quotes\""
@@ -235,11 +238,9 @@ async def inspect_in_chromium(page: Path, profile: Path) -> tuple[dict, list]:
         browser.wait(timeout=30)
 
 
+@pytest.mark.servers
+@pytest.mark.needs("chromium")
 def test_report_in_headless_chromium(smoke_run, report, tmp_path):
-    if os.environ.get("AWD_SKIP_BROWSER") == "1":
-        pytest.skip("AWD_SKIP_BROWSER=1")
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: install it (apt-get install -y chromium) or set AWD_SKIP_BROWSER=1")
     facts, errors = asyncio.run(inspect_in_chromium(report, tmp_path / "profile"))
     assert errors == []
     assert facts["images"] >= 10  # five plots and five mask diagrams
@@ -375,6 +376,7 @@ def test_conclusions_say_each_supported_difference_and_what_more_seeds_would_dec
     assert len(undecided) == 1 and "seeds per variant" in undecided[0]
 
 
+@pytest.mark.fast
 def test_conclusions_name_the_seeds_whose_best_epoch_fell_in_the_last_quarter():
     from harness.report.summary import StudyResult, VariantResult, conclusions
 

@@ -2,9 +2,11 @@
 
 import pytest
 
-from harness import scheduler
 from harness.errors import UserError
-from harness.scheduler import discover_slots
+from harness.study import scheduler
+from harness.study.scheduler import discover_slots
+
+pytestmark = pytest.mark.fast
 
 
 @pytest.fixture

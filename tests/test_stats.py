@@ -14,6 +14,8 @@ from scipy import stats as scipy_stats
 
 from harness import stats
 
+pytestmark = pytest.mark.fast
+
 
 # --- coverage: the 95% intervals cover the true mean in 93-97% of seeded repetitions -----------------------
 # The simulations run the batched interval functions that mean_ci / diff_ci call on one sample (a few rows are
@@ -95,6 +97,7 @@ def test_welch_interval_covers_the_true_difference(n_variant, n_reference):
     assert COVERAGE[0] <= _coverage(low, high, mean_a - mean_b) <= COVERAGE[1]
 
 
+@pytest.mark.slow
 def test_bca_interval_covers_the_true_mean_at_the_threshold():
     # Skewed data, where BCa earns its place. With 16,000 reps it covers 0.938 on these data and on normal data
     # (t: 0.946 and 0.950); these 4,000 give 0.932.
@@ -125,7 +128,7 @@ def test_welch_interval_known_value():
 
 
 def test_two_seeds_no_longer_give_min_to_max():
-    # The issue's case: two paired seeds, both differences negative. The old percentile bootstrap gave
+    # Two paired seeds, both differences negative. The old percentile bootstrap gave
     # [-1.0, -0.5], excluding 0 beside "not tested"; the t interval (1 df) is wide and agrees with p = 0.205.
     c = stats.compare({1: 57.0, 2: 58.5}, {1: 58.0, 2: 59.0})
     assert c.ci.method == stats.STUDENT_T and c.ci.low < -3 and c.ci.high > 2 and not c.ci.excludes(0)
@@ -265,7 +268,7 @@ def test_compare_pairs_matching_seeds_and_uses_welch_otherwise():
     b = {s: 101.0 + s for s in range(1, 7)}
     paired = stats.compare(a, b)
     assert paired.test == "paired t" and paired.paired and paired.p < 1e-4 and paired.diff == pytest.approx(-0.95)
-    assert paired.ci.low <= paired.diff <= paired.ci.high < 0 and (paired.n_variant, paired.n_reference) == (6, 6)
+    assert paired.ci.low <= paired.diff <= paired.ci.high < 0 and (paired.n_variant, paired.n_baseline) == (6, 6)
     welch = stats.compare(a, {s: v for s, v in b.items() if s != 6} | {7: 108.0})
     assert welch.test == "Welch t" and not welch.paired and 0.05 < welch.p < 1  # the seeds' spread hides it
     assert welch.ci.method == stats.WELCH_T and welch.ci.low < 0 < welch.ci.high
@@ -273,7 +276,7 @@ def test_compare_pairs_matching_seeds_and_uses_welch_otherwise():
 
 def test_compare_aligns_values_by_seed():
     c = stats.compare({3: 30.0, 1: 10.0, 2: 20.0}, {2: 19.0, 3: 28.0, 1: 10.0})
-    assert c.variant_values == (10.0, 20.0, 30.0) and c.reference_values == (10.0, 19.0, 28.0)
+    assert c.variant_values == (10.0, 20.0, 30.0) and c.baseline_values == (10.0, 19.0, 28.0)
     assert c.p == pytest.approx(stats.p_value([10.0, 20.0, 30.0], [10.0, 19.0, 28.0], paired=True))
 
 
@@ -305,7 +308,7 @@ def test_adjust_applies_holm_and_the_one_rule():
     # The estimate is at Holm's first step over all five comparisons.
     level = stats.ALPHA / 5
     assert adjusted[1].seeds_needed == stats.seeds_for_power(
-        comparisons[1].variant_values, comparisons[1].reference_values, paired=True, alpha=level)
+        comparisons[1].variant_values, comparisons[1].baseline_values, paired=True, alpha=level)
     assert adjusted[4].seeds_needed.text.startswith("unknown: at least 2 seeds")
     assert comparisons[1].p_holm is None  # the inputs are left alone
 

@@ -3,37 +3,18 @@
 import math
 import pickle
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from harness.config import DropoutConfig, ModelConfig, RunConfig, TrainConfig
-from harness.data import Corpus, load_corpus
+from harness.data import load_corpus
 from harness.errors import UserError
 from harness.model import AWDLSTM
 from harness.train import TrainingDiverged, NTASGD, perplexity, train_model
+from helpers import TINY_RATES as AWD, tiny_config as config, tiny_corpus
 
-AWD = DropoutConfig(embedding=0.1, input=0.3, hidden=0.2, output=0.3, weight=0.4)
-
-
-def tiny_corpus(n_train=3000, vocab=40) -> Corpus:
-    """A synthetic corpus with structure to learn: a noisy cycle through the vocabulary."""
-    g = torch.Generator().manual_seed(0)
-
-    def split(n):
-        base = torch.arange(n) % vocab
-        noise = torch.randint(vocab, (n,), generator=g)
-        return torch.where(torch.rand(n, generator=g) < 0.2, noise, base)
-
-    md5 = {"train": "t", "valid": "v", "test": "s"}
-    return Corpus("tiny", Path("."), tuple(map(str, range(vocab))), split(n_train), split(600), split(600), md5, {})
-
-
-def config(**train) -> RunConfig:
-    settings = dict(epochs=3, batch_size=4, eval_batch_size=4, test_batch_size=4, bptt=10, lr=5.0, seed=3, threads=1)
-    return RunConfig("tiny", "awd", ModelConfig(16, 24, 2), AWD, TrainConfig(**{**settings, **train}))
-
+pytestmark = pytest.mark.fast
 
 def test_nt_asgd_trigger_follows_the_reference_code():
     opt = NTASGD(AWDLSTM(10, ModelConfig(4, 4, 1), DropoutConfig()), config(nonmono=2))
@@ -200,7 +181,8 @@ def test_each_epoch_of_each_seed_draws_its_own_dropout_masks(monkeypatch):
     assert len(seeds) == 4 and len(set(seeds)) == 4, seeds
 
 
-@pytest.mark.ptb
+@pytest.mark.slow
+@pytest.mark.needs("ptb")
 def test_short_real_ptb_run_lowers_validation_perplexity():
     corpus = load_corpus("ptb")
     run = RunConfig("ptb", "awd", ModelConfig(32, 64, 2), AWD, TrainConfig(

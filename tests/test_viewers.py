@@ -9,8 +9,9 @@ import subprocess
 import pytest
 import requests
 
-from conftest import REPO
-from shared_stores import free_port, wait_for
+from helpers import REPO, free_port, wait_for
+
+pytestmark = pytest.mark.servers
 
 
 def serve(target: str, *variables: str):

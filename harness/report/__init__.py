@@ -12,7 +12,7 @@ variant) and comparisons.csv (every comparison and its verdict).
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.config import StudyConfig
+from harness.study.spec import StudyConfig
 from harness.report.logs import read_logs
 from harness.report.page import render_html
 from harness.report.summary import comparisons_frame, conclusions, results_frame, summarize

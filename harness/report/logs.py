@@ -1,5 +1,5 @@
-"""What the report reads: a study's MLflow runs (through harness.tracking) and Optuna trials (through
-harness.ledger), gathered once into pandas frames. Nothing here computes a reported number.
+"""What the report reads: a study's MLflow runs (through harness.study.tracking) and Optuna trials (through the
+ledger's reader), gathered once into pandas frames. Nothing here computes a reported number.
 """
 
 import shlex
@@ -7,11 +7,14 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from harness.config import StudyConfig
 from harness.errors import UserError
-from harness.ledger import CONFIRM, PHASES, SEARCH, Ledger, holds_study, open_storage
-from harness.stores import redact, sqlite_path
-from harness.tracking import RESULT_METRICS, find_experiment, read_child_runs, read_epoch_metrics
+from harness.study.ledger.reader import LedgerReader
+from harness.study.ledger.storage import open_storage
+from harness.study.ledger.studies import holds_study
+from harness.study.rules import CONFIRM, PHASES, SEARCH, RunState
+from harness.study.spec import StudyConfig
+from harness.study.stores import redact, sqlite_path
+from harness.study.tracking import RESULT_METRICS, find_experiment, read_child_runs, read_epoch_metrics
 
 MIN_IMPORTANCE_TRIALS = 5  # a random forest fit to fewer finished trials reports mostly noise
 RUN_COLUMNS = ("run_id", "name", "variant", "phase", "trial", "seed", "attempt", "state", "fail_reason", "device",
@@ -30,7 +33,7 @@ class StudyLog:
     runs: pd.DataFrame  # one row per MLflow child run (RUN_COLUMNS)
     curves: pd.DataFrame  # per-epoch train/val perplexity of finished confirmation runs (CURVE_COLUMNS)
     trials: pd.DataFrame  # one row per finished or pruned Optuna search trial (TRIAL_COLUMNS)
-    tallies: dict  # variant -> phase -> harness.ledger.Tally; a variant without Optuna studies is absent
+    tallies: dict  # variant -> phase -> harness.study.rules.Tally; a variant without Optuna studies is absent
     importances: dict  # variant -> {param: importance}, or a sentence saying why there are none
 
 
@@ -42,7 +45,7 @@ def ablate_command(study: StudyConfig, tracking_uri: str, storage: str) -> str:
 
 def _curves(tracking_uri: str, runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for run in runs[(runs.phase == CONFIRM) & (runs.state == "finished")].itertuples():
+    for run in runs[(runs.phase == CONFIRM) & (runs.state == RunState.FINISHED)].itertuples():
         history = read_epoch_metrics(tracking_uri, run.run_id, ("train_ppl", "val_ppl"))
         rows += [{"variant": run.variant, "seed": run.seed, "epoch": epoch, "val_ppl": history["val_ppl"][epoch],
                   "train_ppl": history["train_ppl"].get(epoch, float("nan"))} for epoch in sorted(history["val_ppl"])]
@@ -57,7 +60,7 @@ def _optuna_side(study: StudyConfig, storage: str, rerun: str) -> tuple[pd.DataF
     if not holds_study(optuna_storage, study):
         raise UserError(f"{redact(storage)} holds no Optuna study of {study.name!r}: pass the --storage the study ran "
                         f"with, or run it first: {rerun}")
-    ledger = Ledger(study, optuna_storage, study.identity(), create=False)
+    ledger = LedgerReader(study, optuna_storage, study.identity())
     rows, tallies, importances = [], {}, {}
     for variant in study.variants:
         for phase in PHASES:

@@ -14,7 +14,8 @@ from harness import stats
 from harness.masks import mask_figures, png_data_uri
 from harness.report import plots
 from harness.report.summary import NO_DROPOUT, StudyResult, conclusions, rerun_commands
-from harness.stores import redact
+from harness.study.rules import CONFIRM, RunState
+from harness.study.stores import redact
 
 _TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("harness.report", "templates"),
                                 autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
@@ -62,9 +63,9 @@ def _headline(result: StudyResult) -> list:
 
 
 def _headline_notes(result: StudyResult) -> list:
-    tested = sum(c.comparison.p is not None for c in result.contrasts)
+    tested = sum(c.p is not None for c in result.comparisons)
     baselines = result.reference + (f" and, for each technique's own effect, {NO_DROPOUT}"
-                                    if any(c.baseline == NO_DROPOUT for c in result.contrasts) else "")
+                                    if any(c.baseline == NO_DROPOUT for c in result.comparisons) else "")
     notes = [
         "Rows are ordered by mean test perplexity, lowest first. The search picks each variant's rates by validation "
         "perplexity; test perplexity comes only from the confirmation runs, which retrain those rates with new seeds.",
@@ -72,11 +73,11 @@ def _headline_notes(result: StudyResult) -> list:
         f"95%: Student t (paired differences where the seeds match, Welch otherwise) below {stats.BCA_MIN_N} seeds, "
         "scipy's BCa bootstrap from there on; each interval is for its own comparison, unadjusted.",
         f"p: two-sided paired t-test over matching seeds, Welch's t-test otherwise. Every comparison in this report "
-        f"(against {baselines}: {len(result.contrasts)} in all, {tested} tested) is one family for Holm's adjustment, "
+        f"(against {baselines}: {len(result.comparisons)} in all, {tested} tested) is one family for Holm's adjustment, "
         f"and a difference is called supported when its Holm-adjusted p is below {stats.ALPHA}.",
         "Best epoch: the median over the confirmation seeds of the epoch with the lowest validation perplexity; ⚠ "
-        f"marks a variant with a seed whose best epoch fell in the last quarter of its epochs (it may not have "
-        f"converged).",
+        "marks a variant with a seed whose best epoch fell in the last quarter of its epochs (it may not have "
+        "converged).",
         "Trials run, pruned and failed count the search; failed includes attempts that were retried, and interrupted "
         "ones (Ctrl-C, a stopped machine), which use no attempt. Device-hours add up the logged seconds of every run.",
     ]
@@ -123,7 +124,7 @@ def _plots(result: StudyResult) -> list:
 
 def _failures(result: StudyResult) -> list:
     runs = result.log.runs
-    failed = runs[runs.state.isin(["failed", "interrupted"])].sort_values("end_time")
+    failed = runs[runs.state.isin([RunState.FAILED, RunState.INTERRUPTED])].sort_values("end_time")
     return [{"variant": f.variant, "name": f.name, "state": f.state, "attempt": f.attempt, "device": f.device,
              "reason": str(f.fail_reason).strip().splitlines()[-1] if str(f.fail_reason).strip() else ""}
             for f in failed.itertuples()]
@@ -144,11 +145,11 @@ def _facts(result: StudyResult) -> dict:
 
 
 def _configs(result: StudyResult) -> dict:
-    runs = result.log.runs[result.log.runs.state == "finished"]
+    runs = result.log.runs[result.log.runs.state == RunState.FINISHED]
     configs = {}
     for r in result.rows:
         mine = runs[runs.variant == r.name]
-        confirmed = mine[mine.phase == "confirm"]
+        confirmed = mine[mine.phase == CONFIRM]
         if len(mine):
             chosen = (confirmed if len(confirmed) else mine).iloc[0]
             configs[r.name] = {k: v for k, v in chosen.params.items() if k != "train.seed"}

@@ -13,6 +13,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 
 from harness import stats
+from harness.study.rules import RunState
 from harness.report.summary import StudyResult, searchable_params
 
 GREY, GAP = "#5c6a78", "#e4572e"
@@ -120,7 +121,7 @@ def plot_sensitivity(result: StudyResult, colors: dict) -> Figure | None:
     fig, axes = _figure(2.3 * len(params) + 0.8, 1.9 * len(rows) + 0.6, len(rows), len(params))
     for i, r in enumerate(rows):
         mine = trials[trials.variant == r.name]
-        done, pruned = mine[mine.value.notna()], mine[mine.state == "pruned"]
+        done, pruned = mine[mine.value.notna()], mine[mine.state == RunState.PRUNED]
         for j, param in enumerate(params):
             ax = axes[i, j]
             if param not in r.searched:

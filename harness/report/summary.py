@@ -15,7 +15,7 @@ import pandas as pd
 
 from harness import stats
 from harness.config import SITES
-from harness.ledger import CONFIRM, SEARCH, Tally, search_space, trials_for
+from harness.study.rules import CONFIRM, SEARCH, RunState, Tally, search_space, trials_for
 from harness.report.logs import StudyLog
 
 REFERENCE = "awd"
@@ -74,28 +74,19 @@ class VariantResult:
 
 
 @dataclass(frozen=True)
-class Contrast:
-    """One comparison the report makes: variant against baseline, with its statistics (stats.Comparison)."""
-
-    variant: str
-    baseline: str
-    comparison: stats.Comparison
-
-
-@dataclass(frozen=True)
 class StudyResult:
     """The report's content: headline rows best first, every comparison, the reference and what is missing."""
 
     log: StudyLog
     rows: list  # VariantResult, best mean test perplexity first
-    contrasts: list  # Contrast, adjusted together (Holm)
+    comparisons: list  # stats.Comparison of each pair, named, adjusted together (Holm)
     reference: str
     reference_note: str
     missing: list  # sentences; empty when the study is complete
 
     def against(self, baseline: str) -> dict:
-        """variant -> stats.Comparison of the contrasts against one baseline."""
-        return {c.variant: c.comparison for c in self.contrasts if c.baseline == baseline}
+        """variant -> stats.Comparison of the comparisons against one baseline."""
+        return {c.variant: c for c in self.comparisons if c.baseline == baseline}
 
 
 def searchable_params(rows) -> list:
@@ -105,7 +96,7 @@ def searchable_params(rows) -> list:
 
 def _variant_result(log: StudyLog, variant: str) -> VariantResult:
     runs = log.runs[log.runs.variant == variant]
-    finished = runs[runs.state == "finished"]
+    finished = runs[runs.state == RunState.FINISHED]
     search = finished[(finished.phase == SEARCH) & finished.best_val_ppl.notna()]
     searched = tuple(search_space(log.study, variant))
     best_val, best_params = None, {}
@@ -172,7 +163,7 @@ def missing_parts(log: StudyLog) -> list:
             out.append(f"{variant}: no search trial finished, so nothing could be confirmed.")
             continue
         confirm = mine[mine.phase == CONFIRM]
-        done = set(confirm[confirm.state == "finished"].seed)
+        done = set(confirm[confirm.state == RunState.FINISHED].seed)
         lacking = {}  # why -> seeds, so a study that has not reached confirmation gets one line per variant
         for seed in (s for s in study.budget.confirm_seeds if s not in done):
             tries = confirm[confirm.seed == seed].sort_values("end_time")
@@ -183,7 +174,7 @@ def missing_parts(log: StudyLog) -> list:
         for why, seeds in lacking.items():
             out.append(f"{variant}: confirmation seed{'s' * (len(seeds) > 1)} {', '.join(seeds)} "
                        f"{'have' if len(seeds) > 1 else 'has'} no finished run ({why}).")
-    for run in runs[runs.state == "running"].itertuples():
+    for run in runs[runs.state == RunState.RUNNING].itertuples():
         out.append(f"{run.variant}: MLflow run '{run.name}' is still running (if no coordinator is, resuming the "
                    "study marks it interrupted).")
     return out
@@ -194,11 +185,11 @@ def summarize(log: StudyLog) -> StudyResult:
     results = {v: _variant_result(log, v) for v in log.study.variants}
     reference, note = _reference(results)
     pairs = contrast_pairs(list(results), reference)
-    adjusted = stats.adjust([stats.compare(results[v].test_ppl, results[b].test_ppl) for v, b in pairs])
-    contrasts = [Contrast(v, b, c) for (v, b), c in zip(pairs, adjusted)]
+    comparisons = stats.adjust([stats.compare(results[v].test_ppl, results[b].test_ppl, names=(v, b))
+                                for v, b in pairs])
     order = sorted(results.values(), key=lambda r: (r.mean is None, r.mean or 0.0,
                                                    r.search_best_val_ppl is None, r.search_best_val_ppl or 0.0))
-    return StudyResult(log, order, contrasts, reference, note, missing_parts(log))
+    return StudyResult(log, order, comparisons, reference, note, missing_parts(log))
 
 
 def _ppl(value: float) -> str:
@@ -219,12 +210,11 @@ def conclusions(result: StudyResult) -> list:
     out = ["Ordered by mean test perplexity (lower is better; " + "/".join(map(str, seeds))
            + " confirmation seeds): " + " < ".join(f"{r.name} {_ppl(r.mean)}" for r in confirmed) + "."]
     supported, open_questions = [], []
-    for c in result.contrasts:
-        comp = c.comparison
+    for comp in result.comparisons:
         if comp.diff is None:
             continue
         # Said as "better beats worse by a positive amount": flip the interval of variant - baseline when needed.
-        better, worse = (c.variant, c.baseline) if comp.diff < 0 else (c.baseline, c.variant)
+        better, worse = (comp.variant, comp.baseline) if comp.diff < 0 else (comp.baseline, comp.variant)
         low, high = (-comp.ci.high, -comp.ci.low) if comp.ci and comp.diff < 0 else (
             (comp.ci.low, comp.ci.high) if comp.ci else (None, None))
         interval = f"95% CI {low:.2f}..{high:.2f}" if comp.ci else "no interval"
@@ -293,9 +283,9 @@ def _comparison_columns(c: stats.Comparison | None, suffix: str = "") -> dict:
 
 def comparisons_frame(result: StudyResult) -> pd.DataFrame:
     """Every comparison the report makes (comparisons.csv): variant, baseline, difference, interval, tests."""
-    return pd.DataFrame([{"variant": c.variant, "baseline": c.baseline, "n_variant": c.comparison.n_variant,
-                          "n_baseline": c.comparison.n_reference, "paired": c.comparison.paired,
-                          **_comparison_columns(c.comparison)} for c in result.contrasts])
+    return pd.DataFrame([{"variant": c.variant, "baseline": c.baseline, "n_variant": c.n_variant,
+                          "n_baseline": c.n_baseline, "paired": c.paired, **_comparison_columns(c)}
+                         for c in result.comparisons])
 
 
 def rerun_commands(result: StudyResult) -> list:
@@ -304,7 +294,7 @@ def rerun_commands(result: StudyResult) -> list:
     runs = result.log.runs
     for r in result.rows:
         base = {k: str(v) for k, v in study.run_config(r.name).flat().items()}
-        confirm = runs[(runs.variant == r.name) & (runs.phase == CONFIRM) & (runs.state == "finished")]
+        confirm = runs[(runs.variant == r.name) & (runs.phase == CONFIRM) & (runs.state == RunState.FINISHED)]
         for run in confirm.sort_values("seed").itertuples():
             sets = [f"--set {shlex.quote(f'{k}={v}')}" for k, v in sorted(run.params.items())
                     if k in base and base[k] != v]

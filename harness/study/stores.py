@@ -1,11 +1,7 @@
-"""Where a study's results live: the store URLs, their passwords masked, and one writer per local store.
-
-An Optuna storage is a local sqlite:/// file (one coordinator on one machine) or a postgresql:// database
-shared by coordinators on any number of machines (`python -m harness worker` on each), which serialize their
-check-then-write steps with PostgreSQL advisory locks. MLflow is a local sqlite:/// file or a tracking server
-(`mlflow server` on PostgreSQL). A file lock keeps a second coordinator off the local stores of a running one.
-Connections give up within seconds when a server does not answer, and URLs are only ever shown with their
-password masked. harness.ledger opens the Optuna storage itself.
+"""Where a study's results live: the store URLs (their defaults once, here), passwords masked in everything shown,
+and one writer per local store. Optuna: a local sqlite:/// file or a postgresql:// database shared by coordinators
+on many machines (advisory locks serialize their check-then-write steps); MLflow: a sqlite:/// file or a tracking
+server. Connections give up within seconds when a server does not answer.
 """
 
 import contextlib
@@ -21,6 +17,8 @@ import sqlalchemy
 
 from harness.errors import UserError
 
+DEFAULT_STORAGE = "sqlite:///optuna.db"  # the Optuna storage of `ablate`, `report` and `make dashboard`
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the MLflow store of `ablate`, `report` and `make ui`
 CONNECT_TIMEOUT = 5  # seconds; without it an unreachable host hangs for TCP's minutes of retries
 HEARTBEAT = 30  # seconds between heartbeats of a running trial on a shared storage
 STALE_AFTER = 4  # heartbeats missed before a trial counts as stale: its machine or coordinator is gone

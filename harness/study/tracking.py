@@ -1,34 +1,39 @@
-"""MLflow tracking of a study: one experiment, a parent run per variant, a child run per trial and seed.
-
-Only coordinators write here (through MlflowClient, no global active run): one per local SQLite store, so
-SQLite is never written by two processes, or one per machine on a shared tracking server. Child runs carry
-the flattened resolved config as params, per-epoch metrics with step = epoch, and tags that make every
-report number traceable: variant, phase, trial, seed, device, coordinator (host/pid), git commit, corpus MD5
-and state (running, finished, pruned, failed + reason).
+"""MLflow, and the only code that touches it: one experiment per study, a parent run per variant, a child run per
+trial and seed, written by coordinators only (MlflowClient, no global active run) and read back for the report.
+Child runs carry the resolved config as params, each EpochResult as metrics (step = epoch), the RunResult as
+summary metrics, and tags that make every report number traceable (variant, phase, trial, seed, device, git
+commit, corpus MD5, state).
 """
 
+import dataclasses
 import json
 import platform
 import shlex
+import subprocess
 import time
 from importlib import metadata
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from harness.config import RunConfig, StudyConfig, StudyIdentity
+from harness.config import RunConfig
 from harness.errors import UserError
-from harness.stores import redact, sqlite_path
+from harness.study.rules import RunState
+from harness.study.spec import StudyConfig, StudyIdentity
+from harness.study.stores import DEFAULT_TRACKING_URI, redact, sqlite_path
+from harness.train import EpochResult, RunResult
 
-EPOCH_METRICS = ("train_loss", "train_ppl", "val_loss", "val_ppl", "lr", "epoch_seconds", "tokens_per_s")
-RESULT_METRICS = ("best_val_ppl", "best_epoch", "test_ppl", "test_loss", "seconds", "epochs")
+# The metric names are the records' field names: a new metric is a new field of EpochResult or RunResult.
+EPOCH_METRICS = tuple(f.name for f in dataclasses.fields(EpochResult) if f.name != "epoch")  # epoch is the step
+RESULT_METRICS = tuple(f.name for f in dataclasses.fields(RunResult))
 # A run's state (tag `state`) -> MLflow status. Pruned runs stopped early by the study's choice: KILLED, not a
 # green FINISHED, and their name says why, so the runs table tells them apart without opening tags.
-MLFLOW_STATUS = {"running": "RUNNING", "finished": "FINISHED", "pruned": "KILLED", "failed": "FAILED",
-                 "interrupted": "KILLED"}
-NAME_SUFFIX = {"pruned": " [pruned]", "interrupted": " [interrupted]", "failed": " [failed]"}
+MLFLOW_STATUS = {RunState.RUNNING: "RUNNING", RunState.FINISHED: "FINISHED", RunState.PRUNED: "KILLED",
+                 RunState.FAILED: "FAILED", RunState.INTERRUPTED: "KILLED"}
+NAME_SUFFIX = {RunState.PRUNED: " [pruned]", RunState.INTERRUPTED: " [interrupted]", RunState.FAILED: " [failed]"}
 # MLflow 3 opens an experiment without this tag in its GenAI (traces) view; this is model training.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -47,6 +52,20 @@ def package_versions() -> str:
     return ", ".join([f"python {platform.python_version()}", *found])
 
 
+def git_commit() -> str:
+    """HEAD of the checkout the harness runs from, '-dirty' if it has uncommitted changes (a tag on every run)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -61,7 +80,7 @@ def ui_command(uri: str) -> str:
     """How to browse this tracking store: the MLflow UI on a local store, the server's address otherwise."""
     if urlsplit(uri).scheme in ("http", "https"):
         return f"open {redact(uri).rstrip('/')}/#/experiments in a browser"
-    make = "make ui" + ("" if uri == "sqlite:///mlflow.db" else f" TRACKING_URI={shlex.quote(redact(uri))}")
+    make = "make ui" + ("" if uri == DEFAULT_TRACKING_URI else f" TRACKING_URI={shlex.quote(redact(uri))}")
     return f"{make}  (or: mlflow ui --backend-store-uri {shlex.quote(redact(uri))})"
 
 
@@ -115,7 +134,7 @@ class Tracker:
         parent = self.parent_run(config.variant)
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
             **self.common_tags, **{k: str(v) for k, v in tags.items()}, "kind": "run", "variant": config.variant,
-            "state": "running", "mlflow.parentRunId": parent,
+            "state": RunState.RUNNING, "mlflow.parentRunId": parent,
         })
         run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in config.flat().items()]
@@ -124,17 +143,19 @@ class Tracker:
         self.client.log_text(run_id, json.dumps(config.to_dict(), indent=2), "config.json")
         return run_id
 
-    def log_epoch(self, run_id: str, epoch: dict) -> None:
-        """Per-epoch metrics, step = epoch."""
-        now, step = _now_ms(), int(epoch["epoch"])
-        metrics = [Metric(k, float(epoch[k]), now, step) for k in EPOCH_METRICS]
-        metrics.append(Metric("averaging", float(epoch["averaging"]), now, step))
-        self.client.log_batch(run_id, metrics=metrics)
-
-    def finish(self, run_id: str, state: str, *, reason: str = "", result: dict | None = None) -> None:
-        """End a child run as finished, pruned, failed or interrupted, with its summary metrics."""
+    def log_epoch(self, run_id: str, epoch: EpochResult) -> None:
+        """One epoch's metrics (every field of EpochResult; averaging as 0/1), step = epoch."""
         now = _now_ms()
-        metrics = [Metric(k, float(result[k]), now, 0) for k in RESULT_METRICS if result and result.get(k) is not None]
+        self.client.log_batch(run_id, metrics=[Metric(k, float(getattr(epoch, k)), now, epoch.epoch)
+                                               for k in EPOCH_METRICS])
+
+    def finish(self, run_id: str, state: RunState, *, reason: str = "", result: RunResult | None = None,
+               seconds: float | None = None) -> None:
+        """End a child run as finished, pruned, failed or interrupted, with its summary metrics: the RunResult's
+        fields that were measured, or only `seconds` for a run that did not finish."""
+        now = _now_ms()
+        values = dataclasses.asdict(result) if result is not None else {"seconds": seconds}
+        metrics = [Metric(k, float(v), now, 0) for k, v in values.items() if v is not None]
         tags = [RunTag("state", state)] + ([RunTag("fail_reason", reason[-5000:])] if reason else [])
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         if state in NAME_SUFFIX:
@@ -143,7 +164,7 @@ class Tracker:
                 self.client.update_run(run_id, name=name + NAME_SUFFIX[state])
         self.client.set_terminated(run_id, MLFLOW_STATUS[state], now)
 
-    def set_parent_state(self, variant: str, state: str) -> None:
+    def set_parent_state(self, variant: str, state: RunState) -> None:
         """The variant's parent run: running (being worked on), finished (settled with results), failed (nothing
         could finish) or interrupted (the coordinator stopped before the variant settled)."""
         run_id = self.parent_run(variant)
@@ -169,10 +190,10 @@ class Tracker:
         """Child runs left RUNNING by the local coordinator that stopped: mark them interrupted."""
         stale = self._runs("tags.kind = 'run' and attributes.status = 'RUNNING'")
         for run in stale:
-            self.finish(run.info.run_id, "interrupted", reason="the coordinator stopped while it ran")
+            self.finish(run.info.run_id, RunState.INTERRUPTED, reason="the coordinator stopped while it ran")
         return len(stale)
 
-    def close_trial_runs(self, optuna_study: str, trial: int, state: str, reason: str) -> int:
+    def close_trial_runs(self, optuna_study: str, trial: int, state: RunState, reason: str) -> int:
         """End the runs still RUNNING for one Optuna trial whose coordinator is gone; returns how many.
 
         Found by tags, not by the trial's mlflow_run_id, to include a run made just before its coordinator died.
@@ -211,7 +232,7 @@ def read_child_runs(uri: str, experiment_id: str) -> list[dict]:
             rows.append({
                 "run_id": run.info.run_id, "name": run.info.run_name, "variant": tags.get("variant", ""),
                 "phase": tags.get("phase", ""), "trial": _int(tags.get("trial")), "seed": _int(tags.get("seed")),
-                "attempt": _int(tags.get("attempt")), "state": tags.get("state", "running"),
+                "attempt": _int(tags.get("attempt")), "state": tags.get("state", RunState.RUNNING),
                 "fail_reason": tags.get("fail_reason", ""), "device": tags.get("device", ""),
                 "device_name": tags.get("device_name", ""), "versions": tags.get("versions", ""),
                 "git_commit": tags.get("git_commit", ""), "corpus": tags.get("corpus", ""),

@@ -1,27 +1,24 @@
-"""Device slots and the process-per-trial scheduler.
-
-One slot per device (each visible CUDA GPU, or CPU workers with the cores divided); a slot runs one trial
-at a time in a fresh process pinned to it, and the next trial starts the moment any slot frees. The
-coordinator (this process) is the only writer of Optuna and MLflow: workers send per-epoch metrics over a
-pipe and wait for a keep-going/prune answer. A worker that crashes or is killed fails only its own trial.
-
-joblib's process pools are not used to run trials: when one loky worker dies the executor is broken and
-every running task fails with it. joblib supplies the cgroup-aware core count.
+"""Device slots and the process-per-trial scheduler: a slot (a GPU, or a share of the CPU cores) runs one trial at a
+time in its own process (harness.study.processes); the next starts the moment any slot frees. Workers send each
+epoch's EpochResult and wait for keep-going or prune; one that crashes or is killed fails only its own trial.
+joblib gives the cgroup-aware core count; its process pools are not used (one dead worker breaks the pool).
 """
 
-import dataclasses
-import multiprocessing
 import signal
-import time
 import traceback
 from dataclasses import dataclass
-from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import joblib
 
+from harness.config import RunConfig
 from harness.errors import UserError
+from harness.study.processes import Child, ready
+from harness.study.rules import RunState
+
+if TYPE_CHECKING:  # annotations only
+    from harness.train import EpochResult, RunResult
 
 
 @dataclass(frozen=True)
@@ -38,7 +35,7 @@ class Task:
     """One training run to schedule."""
 
     key: str  # unique and readable, e.g. "awd/search/3"
-    config: dict  # RunConfig.to_dict()
+    config: RunConfig
     checkpoint_dir: str
     prunable: bool = True  # a search trial: the coordinator may stop it after any epoch
     evaluate_test: bool = True  # only confirmation runs see the test split
@@ -54,10 +51,10 @@ TRIAL, ENVIRONMENT = "trial", "environment"
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a task ended: finished (with the result summary), pruned, or failed (with the reason and its cause)."""
+    """How a task ended: FINISHED (with the run's RunResult), PRUNED, or FAILED (with the reason and its cause)."""
 
-    status: str
-    result: dict | None = None
+    state: RunState
+    result: "RunResult | None" = None
     reason: str = ""
     cause: str = TRIAL  # of a failure: TRIAL or ENVIRONMENT
 
@@ -69,7 +66,7 @@ class TaskSource(Protocol):
 
     def on_start(self, task: Task, slot: Slot) -> None: ...
 
-    def on_epoch(self, task: Task, epoch: dict) -> bool: ...  # False = prune
+    def on_epoch(self, task: Task, epoch: "EpochResult") -> bool: ...  # False = prune
 
     def on_done(self, task: Task, slot: Slot, outcome: Outcome) -> None: ...
 
@@ -136,20 +133,19 @@ def discover_slots(devices: str | None = None, per_device: int | None = None) ->
 
 
 def _worker(task: Task, slot: Slot, conn) -> None:
-    """Entry point of a trial process: train, report each epoch, obey prune answers."""
+    """Entry point of a trial process: train, send each epoch's EpochResult, obey prune answers, send the end."""
     # The coordinator handles Ctrl-C for everyone and stops workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
 
-    from harness.config import RunConfig
     from harness.data import load_corpus
-    from harness.train import train_model
+    from harness.train import TrainingDiverged, train_model
 
     class Pruned(Exception):
         pass
 
     def on_epoch(epoch):
-        conn.send(("epoch", dataclasses.asdict(epoch)))
+        conn.send(("epoch", epoch))
         if not conn.recv():
             raise Pruned
 
@@ -157,37 +153,30 @@ def _worker(task: Task, slot: Slot, conn) -> None:
         torch.set_num_threads(slot.threads)
         if slot.device.startswith("cuda"):
             torch.cuda.set_device(slot.device)
-        config = RunConfig.from_dict(task.config)
-        corpus = load_corpus(config.corpus, fetch_missing=False, log=lambda *a: None)
-        result = train_model(config, corpus, device=slot.device, checkpoint_dir=Path(task.checkpoint_dir),
-                             on_epoch=on_epoch, progress=False, evaluate_test=task.evaluate_test,
-                             resume=task.resume)
-        summary = {
-            "best_val_ppl": result.best_val_ppl, "best_epoch": result.best_epoch, "test_ppl": result.test_ppl,
-            "test_loss": result.test_loss, "averaged_from_epoch": result.averaged_from_epoch,
-            "seconds": result.seconds, "epochs": len(result.epochs),
-        }
-        conn.send(("finished", summary))
+        corpus = load_corpus(task.config.corpus, fetch_missing=False, log=lambda *a: None)
+        result = train_model(task.config, corpus, device=slot.device, checkpoint_dir=Path(task.checkpoint_dir),
+                             on_epoch=on_epoch, progress=False, evaluate_test=task.evaluate_test, resume=task.resume)
+        conn.send((RunState.FINISHED, result.summary()))
     except Pruned:
-        conn.send(("pruned", None))
+        conn.send((RunState.PRUNED, None))
     except Exception as err:  # the trial fails with its reason; the other workers go on
-        from harness.errors import UserError as _UserError
-        from harness.train import TrainingDiverged
-
         # A UserError here (the corpus, a checkpoint that cannot be written or is another run's) is not the
         # trial's doing: every other trial on this machine would meet it too.
-        cause = ENVIRONMENT if isinstance(err, _UserError) else TRIAL
-        known = isinstance(err, (TrainingDiverged, _UserError))
-        conn.send(("failed", {"reason": str(err) if known else traceback.format_exc(limit=6), "cause": cause}))
+        cause = ENVIRONMENT if isinstance(err, UserError) else TRIAL
+        known = isinstance(err, (TrainingDiverged, UserError))
+        conn.send((RunState.FAILED, {"reason": str(err) if known else traceback.format_exc(limit=6), "cause": cause}))
     finally:
         conn.close()
 
 
-class _Running:
-    def __init__(self, task: Task, slot: Slot, process, conn):
-        self.task, self.slot, self.process, self.conn = task, slot, process, conn
-        self.outcome: Outcome | None = None
-        self.started = time.monotonic()
+@dataclass
+class RunningTask:
+    """A task in its worker process on a slot, and how it ended once known."""
+
+    task: Task
+    slot: Slot
+    child: Child
+    outcome: Outcome | None = None
 
 
 class Scheduler:
@@ -196,8 +185,7 @@ class Scheduler:
     def __init__(self, slots: list[Slot], tick_seconds: float = 1.0):
         self.slots = slots
         self.tick_seconds = tick_seconds
-        self.context = multiprocessing.get_context("spawn")  # no forked CUDA or SQLite state
-        self.running: dict[int, _Running] = {}  # slot index -> run
+        self.running: dict[int, RunningTask] = {}  # slot index -> its task
 
     def run(self, source: TaskSource) -> None:
         """Schedule until the source has no task left and nothing runs (Ctrl-C: the caller calls stop)."""
@@ -209,17 +197,14 @@ class Scheduler:
             source.on_tick()
 
     def stop(self, source: TaskSource, reason: str) -> None:
-        """Terminate every running worker and report its task failed with the reason."""
+        """Stop every running worker and report its task failed with the reason."""
         for run in self.running.values():
-            if run.process.is_alive():
-                run.process.terminate()
+            if run.child.alive:
+                run.child.process.terminate()  # all at once, then each gets its grace period below
         for index, run in list(self.running.items()):
-            run.process.join(timeout=10)
-            if run.process.is_alive():
-                run.process.kill()
-                run.process.join()
+            run.child.stop()
             del self.running[index]
-            source.on_done(run.task, run.slot, Outcome("failed", reason=reason))
+            source.on_done(run.task, run.slot, Outcome(RunState.FAILED, reason=reason))
 
     def _fill(self, source: TaskSource) -> None:
         for slot in self.slots:
@@ -228,55 +213,43 @@ class Scheduler:
             task = source.next_task(slot)
             if task is None:
                 continue
-            parent, child = self.context.Pipe()
-            process = self.context.Process(target=_worker, args=(task, slot, child), name=f"slot{slot.index}",
-                                           daemon=True)
-            process.start()
-            child.close()
-            self.running[slot.index] = _Running(task, slot, process, parent)
+            self.running[slot.index] = RunningTask(task, slot, Child(_worker, (task, slot), f"slot{slot.index}"))
             source.on_start(task, slot)
 
     def _wait_and_handle(self, source: TaskSource) -> None:
-        waitables = {}
-        for run in self.running.values():
-            waitables[run.conn] = run
-            waitables[run.process.sentinel] = run
-        for ready in wait(list(waitables), timeout=self.tick_seconds):
-            run = waitables[ready]
-            if ready is run.conn:
-                self._read(run, source)
+        for run in ready([run.child for run in self.running.values()], self.tick_seconds):
+            self._read(self._run_of(run), source)
         for index, run in list(self.running.items()):
-            if run.process.is_alive() and run.outcome is None:
+            if run.child.alive and run.outcome is None:
                 continue
-            run.process.join(timeout=30)
-            while run.outcome is None and run.conn.poll() and self._read(run, source):
+            run.child.process.join(timeout=30)
+            while run.outcome is None and self._read(run, source):
                 pass  # a final message may trail the exit
             if run.outcome is None:
-                code = run.process.exitcode
-                why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-                run.outcome = Outcome("failed", reason=f"worker process died ({why}) on {run.slot.device}")
-            run.conn.close()
+                run.outcome = Outcome(RunState.FAILED,
+                                      reason=f"worker process died ({run.child.death()}) on {run.slot.device}")
+            run.child.close()
             del self.running[index]
             source.on_done(run.task, run.slot, run.outcome)
 
-    def _read(self, run: _Running, source: TaskSource) -> bool:
-        """Handle one message; False once the pipe is closed (the process is gone, its sentinel says how)."""
-        try:
-            kind, payload = run.conn.recv()
-        except (EOFError, OSError):
+    def _run_of(self, child: Child) -> RunningTask:
+        return next(run for run in self.running.values() if run.child is child)
+
+    def _read(self, run: RunningTask, source: TaskSource) -> bool:
+        """Handle one message if one waits; False when none does (or the pipe is closed)."""
+        got, message = run.child.receive()
+        if not got:
             return False
+        kind, payload = message
         if kind == "epoch":
             keep_going = source.on_epoch(run.task, payload)
-            try:
-                run.conn.send(bool(keep_going) or not run.task.prunable)
-            except (BrokenPipeError, OSError):
-                pass
-        elif kind == "finished":
-            run.outcome = Outcome("finished", result=payload)
-        elif kind == "pruned":
-            run.outcome = Outcome("pruned")
+            run.child.send(bool(keep_going) or not run.task.prunable)
+        elif kind == RunState.FINISHED:
+            run.outcome = Outcome(RunState.FINISHED, result=payload)
+        elif kind == RunState.PRUNED:
+            run.outcome = Outcome(RunState.PRUNED)
         else:
-            run.outcome = Outcome("failed", reason=payload["reason"], cause=payload["cause"])
+            run.outcome = Outcome(RunState.FAILED, reason=payload["reason"], cause=payload["cause"])
         return True
 
 

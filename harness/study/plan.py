@@ -1,19 +1,12 @@
-"""Cost before running: the runs, epochs, device-hours and wall time of a study on the slots at hand.
+"""Cost before running: the runs, epochs, device-hours and wall time of a study on the slots at hand, from a short
+calibration (one process per slot, all at once, each timing a few real training steps, a validation and a test
+pass), list-scheduled with the coordinator's policy. Pruning's saving is a stated assumption, never folded in.
 
-    python -m harness plan studies/ablation.toml [--devices cpu] [--trials-per-device 2]
     python -m harness plan studies/paper-ptb.toml --seconds-per-epoch awd=65 --slots 32
-
-`calibrate` starts one process per slot, all at once as the study will run them; each trains the study's variants
-for a few steps with the real `train_model` on a slice of the corpus and times a validation and a test pass with
-`evaluate`, while this process times their start-up. `estimate` prices every run from those rates and the corpus
-sizes, and `simulate_schedule` list-schedules the runs with the ablation's policy. The figures assume no pruning
-(an upper bound); what the pruner may save is a stated assumption beside them. `--seconds-per-epoch` puts a rate
-measured elsewhere (another GPU) in place of the local one.
 """
 
 import json
 import math
-import multiprocessing
 import shutil
 import signal
 import statistics
@@ -21,33 +14,21 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
-from multiprocessing.connection import wait
 from pathlib import Path
 
-from harness.config import RunConfig, StudyConfig
+from harness.config import RunConfig
 from harness.errors import UserError
-from harness.scheduler import Slot, describe_slots
-
-# harness.ledger (trials_for, the phase names) is imported inside the functions that need it: it imports Optuna,
-# which a calibration process must not load, since that process's start-up stands for a trial process's.
+from harness.study.processes import Child, ready
+from harness.study.rules import CONFIRM, SEARCH, count_runs, pick_order
+from harness.study.scheduler import Slot, describe_slots
+from harness.study.spec import StudyConfig
 
 CALIBRATION_SECONDS = 60.0  # calibration stops here once some variant is measured (the rest: their mean)
 FIRST_WINDOWS = 3  # BPTT windows per probe epoch before a process knows its speed
 MAX_WINDOWS = 24
 PROBE_SECONDS = 1.0  # training seconds per probe epoch aimed at, once the speed is known
 SAMPLES_PER_VARIANT = 3  # a calibration process exits after this many rounds, whatever happens to its parent
-REDUCTION_FACTOR = 3  # optuna.pruners.HyperbandPruner's default, which harness.ledger.make_pruner keeps
-
-
-def count_runs(study: StudyConfig) -> dict:
-    """(variant, phase) -> runs the budget holds: its search trials, then one confirmation run per seed."""
-    from harness.ledger import CONFIRM, SEARCH, trials_for
-
-    runs = {}
-    for variant in study.variants:
-        runs[(variant, SEARCH)] = trials_for(study, variant)
-        runs[(variant, CONFIRM)] = len(study.budget.confirm_seeds)
-    return runs
+REDUCTION_FACTOR = 3  # optuna.pruners.HyperbandPruner's default, which harness.study.ledger.writer.make_pruner keeps
 
 
 # --- pruning: an assumption, stated ---------------------------------------------------------------------
@@ -75,7 +56,7 @@ def _halving_epochs(first_rung: int, epochs: int) -> float:
 
 
 def pruning_assumption(study: StudyConfig) -> PruningAssumption:
-    """The saving assumed from the study's pruner and warm-up (harness.ledger.make_pruner builds the pruner)."""
+    """The saving assumed from the study's pruner and warm-up (harness.study.ledger.writer.make_pruner builds the pruner)."""
     epochs, budget = study.max_epochs, study.budget
     first = budget.warmup_epochs + 1  # the first epoch at which a trial can be pruned
     if budget.pruner == "none":
@@ -132,13 +113,10 @@ class Schedule:
 def simulate_schedule(search: dict, confirm: dict, n_slots: int) -> Schedule:
     """List-schedule runs of known durations (variant -> seconds of each run) on n identical slots.
 
-    The policy of harness.ablation.Ablation.next_task: whenever slots are free, each (in index order) takes a
-    search trial of the variant with the most waiting (file order breaks ties), else a confirmation run of the
-    first variant whose search has settled (none waiting or running); a slot with nothing to take idles until
-    the next run ends.
+    The coordinator's policy, rules.pick_order: whenever slots are free, each (in index order) takes the first
+    run it offers, a confirmation run only once its variant's search has settled (none waiting or running); a
+    slot with nothing to take idles until the next run ends.
     """
-    from harness.ledger import CONFIRM, SEARCH
-
     if n_slots < 1:
         raise ValueError(f"n_slots = {n_slots}: need at least one slot")
     variants = list(dict.fromkeys([*search, *confirm]))
@@ -149,11 +127,10 @@ def simulate_schedule(search: dict, confirm: dict, n_slots: int) -> Schedule:
     done, now = [], 0.0
 
     def next_run():
-        most = sorted((v for v in variants if waiting[v]), key=lambda v: len(waiting[v]), reverse=True)
-        if most:
-            return most[0], SEARCH, waiting[most[0]].pop(0)
-        for v in variants:
-            if not waiting[v] and not searching[v] and confirming[v]:
+        for v, phase in pick_order(variants, {v: len(runs) for v, runs in waiting.items()}):
+            if phase == SEARCH and waiting[v]:
+                return v, SEARCH, waiting[v].pop(0)
+            if phase == CONFIRM and not waiting[v] and not searching[v] and confirming[v]:
                 return v, CONFIRM, confirming[v].pop(0)
         return None
 
@@ -313,36 +290,32 @@ def calibrate(study: StudyConfig, slots: list, *, budget_seconds: float = CALIBR
     if len(devices) != 1:
         raise UserError(f"--devices: the slots mix {' and '.join(sorted(devices))}; plan each kind on its own")
     variants = list(study.variants)
-    context = multiprocessing.get_context("spawn")  # as the scheduler starts trials
     started = time.perf_counter()
     samples, startup, corpus_seconds = [], [], []
     with tempfile.TemporaryDirectory(prefix="awd-plan-") as workdir:
-        processes = {}
+        children = {}  # Child -> (its slot, when it was spawned)
         try:
             for i, slot in enumerate(slots):
                 first = i * len(variants) // len(slots)  # each process starts on another variant
-                parent, child = context.Pipe()
-                process = context.Process(target=_calibration_worker, name=f"plan-slot{slot.index}", daemon=True,
-                                          args=(study, variants[first:] + variants[:first], slot,
-                                                f"{workdir}/slot{i}", child))
-                processes[parent] = (process, slot, time.perf_counter())
-                process.start()
-                child.close()
-            open_pipes = set(processes)
+                spawned = time.perf_counter()
+                child = Child(_calibration_worker, (study, variants[first:] + variants[:first], slot,
+                                                    f"{workdir}/slot{i}"), f"plan-slot{slot.index}")
+                children[child] = (slot, spawned)
+            talking = set(children)
             while not all(any(s["variant"] == v for s in samples) for v in variants):
                 if samples and time.perf_counter() - started > budget_seconds:
                     break
-                if not open_pipes:
+                if not talking:
                     if samples:
                         break
                     raise RuntimeError("every calibration process ended before measuring a variant")
-                for conn in wait(list(open_pipes), timeout=1.0):
-                    try:
-                        kind, payload = conn.recv()
-                    except EOFError:
-                        open_pipes.discard(conn)
+                for child in ready(list(talking), timeout=1.0):
+                    got, message = child.receive()
+                    if not got:
+                        if not child.alive:
+                            talking.discard(child)
                         continue
-                    process, slot, spawned = processes[conn]
+                    (kind, payload), (slot, spawned) = message, children[child]
                     if kind == "ready":
                         startup.append(time.perf_counter() - spawned)
                     elif kind == "corpus":
@@ -352,10 +325,10 @@ def calibrate(study: StudyConfig, slots: list, *, budget_seconds: float = CALIBR
                     else:
                         raise RuntimeError(f"calibration on {slot.device} failed:\n{payload}")
         finally:
-            for process, _, _ in processes.values():
-                process.terminate()
-            for process, _, _ in processes.values():
-                process.join()
+            for child in children:
+                child.process.terminate()  # all at once; each exits cleanly on SIGTERM
+            for child in children:
+                child.stop()
     measured = {v: statistics.median(s["train_seconds_per_token"] for s in samples if s["variant"] == v)
                 for v in variants if any(s["variant"] == v for s in samples)}
     mean_rate = statistics.fmean(measured.values())
@@ -477,8 +450,6 @@ class PlanResult:
 
     def format(self) -> str:
         """The table (variants x phases: runs, epochs, minutes per run, device-hours), totals and assumptions."""
-        from harness.ledger import SEARCH
-
         lines = [f"{self.study}: {sum(r.runs for r in self.rows)} runs on {self.slots}",
                  f"  {'variant':<18} {'phase':<13} {'runs':>4} {'epochs':>6} {'s/epoch':>8} {'min/run':>8} "
                  f"{'device-h':>9}"]
@@ -561,8 +532,6 @@ def estimate(study: StudyConfig, calibration: Calibration, corpus, *, n_slots: i
     With `epoch_times`, the variants it names take its seconds per epoch; the others their measured ratio to
     those, and the test pass the same factor (start-up, corpus and set-up stay as measured: the host's work).
     """
-    from harness.ledger import CONFIRM, SEARCH
-
     if n_slots < 1:
         raise UserError(f"--slots {n_slots}: must be at least 1")
     epochs = study.max_epochs

@@ -1,0 +1,112 @@
+"""What a ledger reads back from Optuna: a study's trials per variant and phase, their tally, the best search trial,
+and what is settled or still due (the rules themselves are harness.study.rules'). Base of the writer and the reader.
+"""
+
+import optuna
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from harness.errors import UserError
+from harness.study import rules
+from harness.study.ledger.storage import Patient, patient, storage_url
+from harness.study.rules import CONFIRM, PHASES, SEARCH, Tally, optuna_name, trials_for
+from harness.study.spec import StudyConfig, StudyIdentity
+from harness.study.stores import redact
+
+_KIND = {TrialState.COMPLETE: "finished", TrialState.PRUNED: "pruned", TrialState.RUNNING: "running",
+         TrialState.WAITING: "waiting"}
+
+
+def trial_kind(trial: FrozenTrial) -> str:
+    """How a trial counts in a Tally (a failed one by the retry decision recorded on it)."""
+    if trial.state == TrialState.FAIL:
+        return rules.failure_kind(bool(trial.user_attrs.get("retried")), bool(trial.user_attrs.get("interrupted")))
+    return _KIND[trial.state]
+
+
+def holds_study(storage: BaseStorage, study: StudyConfig) -> bool:
+    """Whether the storage holds any Optuna study of this study (any variant, any phase)."""
+    names = set(optuna.get_all_study_names(storage))
+    return any(optuna_name(study, v, p) in names for v in study.variants for p in PHASES)
+
+
+class StudyTrials(Patient):
+    """The Optuna studies of one study in one storage (`studies`: (variant, phase) -> optuna.Study, filled by the
+    subclass), read through the study's rules; every read waits out a storage outage."""
+
+    def __init__(self, study: StudyConfig, storage: BaseStorage, identity: StudyIdentity, log):
+        super().__init__(storage, log)
+        self.study, self.identity = study, identity
+        self.variants = list(study.variants)
+        self.studies: dict[tuple[str, str], optuna.Study] = {}
+
+    def _load(self, variant: str, phase: str) -> optuna.Study:
+        ostudy = optuna.load_study(study_name=optuna_name(self.study, variant, phase), storage=self.storage)
+        self._check_identity(ostudy)
+        return ostudy
+
+    def _check_identity(self, ostudy: optuna.Study) -> None:
+        problem = self.identity.mismatch(ostudy.user_attrs)
+        if problem:
+            raise UserError(f"{problem} (the Optuna study {ostudy.study_name!r} in {redact(storage_url(self.storage))})")
+
+    def _trials(self, variant: str, phase: str, states=None) -> list[FrozenTrial]:
+        ostudy = self.studies.get((variant, phase))
+        return ostudy.get_trials(deepcopy=False, states=states) if ostudy is not None else []
+
+    def has(self, variant: str, phase: str) -> bool:
+        """Whether the storage holds the Optuna study of this variant and phase."""
+        return (variant, phase) in self.studies
+
+    @patient
+    def tally(self, variant: str, phase: str) -> Tally:
+        """Trials of one variant and phase by state."""
+        return Tally.of(trial_kind(t) for t in self._trials(variant, phase))
+
+    @patient
+    def waiting(self, variant: str, phase: str) -> int:
+        """Trials of one variant and phase waiting in the queue."""
+        return len(self._trials(variant, phase, (TrialState.WAITING,)))
+
+    @patient
+    def best(self, variant: str) -> tuple[dict, float, int] | None:
+        """Parameters, value and number of the variant's best finished (never pruned) search trial."""
+        done = self._trials(variant, SEARCH, (TrialState.COMPLETE,))
+        if not done:
+            return None
+        best = min(done, key=lambda t: (t.value, t.number))
+        return dict(best.params), best.value, best.number
+
+    @patient
+    def confirmation_results(self, variant: str) -> dict:
+        """Confirmation seed -> test perplexity of the variant's finished confirmation runs."""
+        return {t.user_attrs["seed"]: t.user_attrs["test_ppl"]
+                for t in self._trials(variant, CONFIRM, (TrialState.COMPLETE,)) if "test_ppl" in t.user_attrs}
+
+    def search_settled(self, variant: str) -> bool:
+        """Every search trial of the budget has settled and none runs or waits (rules.search_settled)."""
+        return rules.search_settled(self.tally(variant, SEARCH), trials_for(self.study, variant))
+
+    def confirmation_due(self, variant: str) -> int:
+        """Confirmation runs the variant still owes (rules.confirmation_due)."""
+        search, budget = self.tally(variant, SEARCH), trials_for(self.study, variant)
+        confirm = self.tally(variant, CONFIRM) if rules.search_settled(search, budget) else Tally()  # else unread
+        return rules.confirmation_due(search, confirm, budget, len(self.study.budget.confirm_seeds),
+                                      has_best=search.finished > 0)
+
+    def variant_settled(self, variant: str) -> bool:
+        """Search settled and every confirmation seed settled (or nothing could be confirmed)."""
+        return self.search_settled(variant) and self.confirmation_due(variant) == 0
+
+    def complete(self) -> bool:
+        """Nothing waits or runs anywhere and nothing is left to enqueue."""
+        return all(self.variant_settled(v) for v in self.variants)
+
+    def remaining(self) -> int:
+        """Trials still to start, on any machine."""
+        return sum(self.tally(v, SEARCH).waiting + self.confirmation_due(v) - self.tally(v, CONFIRM).running
+                   for v in self.variants)
+
+    def running(self) -> int:
+        """Trials running on any machine."""
+        return sum(self.tally(v, p).running for v in self.variants for p in PHASES)

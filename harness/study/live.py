@@ -1,0 +1,91 @@
+"""The live view of a study on this machine: one line per start and end, and every SUMMARY_EVERY seconds a table of
+trials per variant with the best so far and the time left, set against the `plan` estimate when there is one.
+"""
+
+import statistics
+import time
+
+from harness.study.ledger.writer import Ledger
+from harness.study.plan import PlanResult
+from harness.study.rules import CONFIRM, SEARCH, trials_for
+
+SUMMARY_EVERY = 120.0  # seconds between live-view tables
+
+
+def format_params(params: dict) -> str:
+    """' with input 0.2, weight 0.35' for a trial's searched parameters, '' when it has none."""
+    return (" with " + ", ".join(f"{k.split('.')[-1]} {v:.3g}" for k, v in params.items())) if params else ""
+
+
+class LiveView:
+    """What this machine's coordinator prints while it works: it hears of every run that starts and ends."""
+
+    def __init__(self, study, ledger: Ledger, n_slots: int, log=print):
+        self.study, self.ledger, self.n_slots, self.log = study, ledger, n_slots, log
+        self.estimate: PlanResult | None = None  # harness.study.plan's, when the study was priced
+        self.started = self.last_summary = time.monotonic()
+        self.durations: list[float] = []  # seconds of each run that ended with a result here
+        self.work: list[tuple[float, float]] = []  # (seconds taken, seconds estimated) of each such run
+        self.running: dict[str, tuple[str, str, int]] = {}  # task key -> (variant, phase, epochs done)
+
+    def clock(self) -> str:
+        """'[h:mm:ss]' since this coordinator started."""
+        elapsed = int(time.monotonic() - self.started)
+        return f"[{elapsed // 3600:d}:{elapsed % 3600 // 60:02d}:{elapsed % 60:02d}]"
+
+    def say(self, line: str) -> None:
+        """One line, stamped with the clock."""
+        self.log(f"{self.clock()} {line}")
+
+    def run_started(self, key: str, variant: str, phase: str, device: str, params: dict) -> None:
+        self.running[key] = (variant, phase, 0)
+        self.say(f"start  {key} on {device}{format_params(params)}")
+
+    def epoch_done(self, key: str, epoch: int) -> None:
+        variant, phase, _ = self.running[key]
+        self.running[key] = (variant, phase, epoch)
+
+    def run_ended(self, key: str, state: str, device: str, seconds: float, what: str, counted: bool) -> None:
+        """A run ended here; `counted`: it ended with a result (finished or pruned), which prices what is left."""
+        variant, phase, epochs = self.running.pop(key)
+        if counted:
+            self.durations.append(seconds)
+            if self.estimate is not None:
+                self.work.append((seconds, self.estimate.run_seconds(variant, phase, epochs)))
+        self.say(f"{state:<8} {key} on {device} after {seconds:.0f} s: {what}")
+
+    def tick(self) -> None:
+        if time.monotonic() - self.last_summary >= SUMMARY_EVERY:
+            self.log(self.summary())
+
+    def summary(self) -> str:
+        """Trials done, pruned, failed, interrupted and running per variant, best so far, time left."""
+        self.last_summary = time.monotonic()
+        seeds = len(self.study.budget.confirm_seeds)
+        lines = [f"{self.clock()} {self.study.name}: {len(self.running)} running here",
+                 f"  {'variant':<18} {'search: done / pruned / failed / interrupted / running of N':<58} "
+                 f"{'best val ppl':>12}   confirm"]
+        for v in self.ledger.variants:
+            s, c = self.ledger.tally(v, SEARCH), self.ledger.tally(v, CONFIRM)
+            best = self.ledger.best(v)
+            lines.append(
+                f"  {v:<18} {s.finished:>4} / {s.pruned:>6} / {s.failed + s.retried:>6} / {s.interrupted:>11} / "
+                f"{s.running:>7} of {trials_for(self.study, v):<5} {f'{best[1]:.2f}' if best else 'none yet':>12}   "
+                f"{c.finished}/{seeds}" + (f" ({c.running} running)" if c.running else ""))
+        left = self.ledger.remaining()
+        if self.durations:
+            eta = statistics.fmean(self.durations) * (left + len(self.running) / 2) / self.n_slots
+            lines.append(f"  {left} trials to start; about {eta / 60:.0f} min left at this machine's pace")
+        else:
+            lines.append(f"  {left} trials to start")
+        if self.estimate is not None:
+            lines.append(self._progress())
+        return "\n".join(lines)
+
+    def _progress(self) -> str:
+        """The estimate against reality: time taken, and the end projected from the runs that ended."""
+        left = {}
+        for v in self.ledger.variants:
+            left[(v, SEARCH)] = self.ledger.tally(v, SEARCH).waiting
+            left[(v, CONFIRM)] = max(0, self.ledger.confirmation_due(v) - self.ledger.tally(v, CONFIRM).running)
+        return self.estimate.progress(time.monotonic() - self.started, self.work, left, list(self.running.values()))

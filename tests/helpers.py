@@ -1,0 +1,229 @@
+"""Plain helpers shared by the test modules (fixtures and hooks live in conftest.py): the harness as a user runs it,
+study files and corpora made for tests, the tiny training setup, servers' ports, and the tiny ablation study.
+"""
+
+import glob
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from harness.config import DropoutConfig, ModelConfig, RunConfig, TrainConfig
+from harness.data import Corpus
+from harness.study.coordinator import Coordinator
+from harness.study.ledger.storage import open_storage
+from harness.study.ledger.writer import Ledger
+from harness.study.live import LiveView
+from harness.study.spec import load_study
+from harness.study.tracking import Tracker
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_STUDY = REPO / "studies" / "smoke.toml"
+SHARED_DATA = REPO.parent / "shared" / "data"  # the team folder's corpora, as CI has them
+PLAIN = {split: f"{split}.txt" for split in ("train", "valid", "test")}
+
+
+# --- what a test needs beyond Python packages -------------------------------------------------------------
+def ptb_data_dir() -> Path | None:
+    """The folder holding ptb/: $AWD_DATA_DIR when set, else the team folder; None when PTB is not there."""
+    user_dir = os.environ.get("AWD_DATA_DIR")
+    data_dir = Path(user_dir).expanduser().absolute() if user_dir else SHARED_DATA
+    return data_dir if (data_dir / "ptb" / "ptb.train.txt").is_file() else None
+
+
+def postgres_bin() -> Path | None:
+    """The folder of PostgreSQL's server programs (pg_ctl, initdb), or None when it is not installed."""
+    found = shutil.which("pg_ctl") or (sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")) or [None])[-1]
+    return Path(found).parent if found else None
+
+
+CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
+PTB_DATA_DIR = ptb_data_dir()  # read at import, before the data_dir fixture points AWD_DATA_DIR elsewhere
+_PTB_SEARCHED = Path(os.environ.get("AWD_DATA_DIR") or SHARED_DATA).expanduser().absolute() / "ptb"
+# name -> (whether this machine has it, what it is and how to get it). A test needing one skips without it, in one
+# line, unless AWD_REQUIRE_<NAME>=1 (CI sets each), which makes its absence a failure.
+NEEDS = {
+    "ptb": (lambda: PTB_DATA_DIR is not None,
+            f"the Penn Treebank, not found at {_PTB_SEARCHED} (set AWD_DATA_DIR to the folder holding ptb/)"),
+    "chromium": (lambda: CHROMIUM.exists(), "Chromium (Debian: apt-get install -y chromium)"),
+    "postgresql": (lambda: postgres_bin() is not None, "PostgreSQL (Debian: apt-get install -y postgresql)"),
+}
+
+
+def require(name: str) -> None:
+    """Skip the calling test (or fixture) when this machine lacks `name` (a key of NEEDS); fail instead when
+    AWD_REQUIRE_<NAME>=1."""
+    present, what = NEEDS[name]
+    if present():
+        return
+    flag = f"AWD_REQUIRE_{name.upper()}"
+    if os.environ.get(flag) == "1":
+        pytest.fail(f"needs {what}, and {flag}=1 requires it")
+    pytest.skip(f"needs {what}; {flag}=1 makes this a failure")
+
+
+# --- the harness as a user runs it ----------------------------------------------------------------------
+def run_harness(*args, cwd, timeout=600, check=True):
+    """`python -m harness ARGS` in a subprocess, as a user would type it."""
+    proc = subprocess.run([sys.executable, "-m", "harness", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"harness {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def study_for_tests(study: Path, corpus: str, folder: Path) -> Path:
+    """`study` itself when it already names `corpus`, else a copy in folder that names it instead."""
+    text = study.read_text(encoding="utf-8")
+    if re.search(rf'(?m)^corpus\s*=\s*"{re.escape(corpus)}"\s*$', text):
+        return study
+    copy = folder / study.name
+    copy.write_text(with_corpus(text, corpus), encoding="utf-8")
+    return copy
+
+
+def with_corpus(study_text: str, corpus: str) -> str:
+    """The study file text with its [study] corpus replaced by `corpus` (e.g. the test_corpus fixture)."""
+    # A JSON string is a valid TOML basic string (quotes and backslashes escaped the same way).
+    new, count = re.subn(r'(?m)^corpus\s*=\s*(["\']).*?\1\s*$', lambda m: f"corpus = {json.dumps(corpus)}",
+                         study_text, count=1)
+    if count != 1:
+        raise ValueError("the study text has no `corpus = \"...\"` line to replace")
+    return new
+
+
+# --- servers --------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 0.2):
+    """Poll until condition() is truthy and return it; fail the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+# --- corpora and study files ----------------------------------------------------------------------------
+def write_corpus(folder: Path, train="a b c\nb c d\n", valid="a b\n", test="c d\n", names=PLAIN) -> Path:
+    """Write a tiny corpus (str is written as UTF-8, bytes as is) and return its folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, content in (("train", train), ("valid", valid), ("test", test)):
+        path = folder / names[split]
+        path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return folder
+
+
+VALID = """
+[study]
+name = "t"
+[fixed.dropout]
+embedding = 0.1
+input = 0.4
+hidden = 0.25
+output = 0.4
+weight = 0.5
+[variants.awd]
+[variants.locked_only]
+[variants.mine]
+sites = ["weight", "input"]
+hidden_mode = "timestep"
+[search]
+input = [0.1, 0.6]
+"""
+
+
+# --- the tiny training setup ----------------------------------------------------------------------------
+TINY_RATES = DropoutConfig(embedding=0.1, input=0.3, hidden=0.2, output=0.3, weight=0.4)
+
+
+def tiny_corpus(n_train=3000, vocab=40) -> Corpus:
+    """A synthetic corpus with structure to learn: a noisy cycle through the vocabulary."""
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        base = torch.arange(n) % vocab
+        noise = torch.randint(vocab, (n,), generator=g)
+        return torch.where(torch.rand(n, generator=g) < 0.2, noise, base)
+
+    md5 = {"train": "t", "valid": "v", "test": "s"}
+    return Corpus("tiny", Path("."), tuple(map(str, range(vocab))), split(n_train), split(600), split(600), md5, {})
+
+
+def tiny_config(**train) -> RunConfig:
+    """An awd run of a 2-layer 16/24 model on tiny_corpus, 3 epochs, one thread; `train` overrides the recipe."""
+    settings = dict(epochs=3, batch_size=4, eval_batch_size=4, test_batch_size=4, bptt=10, lr=5.0, seed=3, threads=1)
+    return RunConfig("tiny", "awd", ModelConfig(16, 24, 2), TINY_RATES, TrainConfig(**{**settings, **train}))
+
+
+# --- the tiny ablation study ----------------------------------------------------------------------------
+TINY = """
+[study]
+name = "tiny"
+corpus = "ptb"
+[fixed.model]
+emb_size = 16
+hidden_size = 16
+n_layers = 1
+[fixed.dropout]
+input = 0.3
+weight = 0.3
+[fixed.train]
+epochs = 2
+batch_size = 10
+eval_batch_size = 10
+test_batch_size = 80
+bptt = 20
+train_tokens = 3000
+valid_tokens = 1000
+threads = 1
+[variants.locked_only]
+[variants.weight_only]
+[search]
+input = [0.1, 0.5]
+weight = [0.1, 0.5]
+[budget]
+trials = {trials}
+pruner = "none"
+confirm_seeds = {seeds}
+max_retries = 1
+"""
+
+
+def tiny_study(tmp_path, corpus, trials=2, seeds="[]"):
+    """TINY on `corpus` (the test_corpus fixture: PTB, or the synthetic corpus without it)."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(with_corpus(TINY.format(trials=trials, seeds=seeds), corpus))
+    return load_study(path)
+
+
+def open_coordinator(study, storage: str, uri: str, runs_dir, log=lambda *a: None, heartbeat=30) -> Coordinator:
+    """A Coordinator on these stores, as run_study builds it (no corpus identity: the tests' corpus is fixed)."""
+    identity = study.identity()
+    ledger = Ledger(study, open_storage(storage, heartbeat), identity, log=log)
+    tracker = Tracker(uri, study, identity, {"study": study.name})
+    return Coordinator(study, ledger, tracker, runs_dir, LiveView(study, ledger, 1, log))
+
+
+def child_runs(uri, study_name):
+    """(client, child runs, parent runs) of a study's MLflow experiment."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(study_name)
+    runs = client.search_runs([experiment.experiment_id], "tags.kind = 'run'", max_results=1000)
+    parents = client.search_runs([experiment.experiment_id], "tags.kind = 'variant'", max_results=1000)
+    return client, runs, parents
