@@ -1,10 +1,7 @@
-"""Small pure statistics for comparing ablation arms over seeds and trials.
-
-Confidence intervals of a mean and of a difference of means (Student t / Welch below BCA_MIN_N values per
-arm, scipy's BCa bootstrap from there on), paired t / Welch p-values, Holm's step-down adjustment, the one
-rule that calls a difference supported, the seeds a t-test would need for 80% power, and the expected best
-of k trials (Dodge et al. 2019, "Show Your Work"). Plain sequences in, floats and frozen records out.
-Use: `adjust([compare(variant_ppl, baseline_ppl) for ...])`. Tests: tests/test_stats.py.
+"""Small pure statistics for comparing ablation arms over seeds and trials (scipy's implementations): intervals of
+a mean and of a difference (Student t / Welch below BCA_MIN_N per arm, BCa bootstrap from there), paired t / Welch p,
+Holm's adjustment, the one rule that calls a difference supported, seeds needed for 80% power, and the expected best
+of k trials (Dodge et al. 2019). Use: `adjust([compare(variant_ppl, baseline_ppl) for ...])`.
 """
 
 import contextlib

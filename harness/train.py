@@ -405,7 +405,8 @@ def _train_epoch(model, optimizer: NTASGD, train_data, recipe, epoch: int, rng, 
     bar = tqdm(total=train_data.numel(), unit="tok", unit_scale=True, desc=f"epoch {epoch}/{recipe.epochs}",
                disable=not progress, leave=False, dynamic_ncols=True)
     started = time.perf_counter()
-    for batch, (i, seq_len) in enumerate(bptt_positions(train_data, recipe.bptt, rng if recipe.variable_bptt else None)):
+    windows = bptt_positions(train_data, recipe.bptt, rng if recipe.variable_bptt else None)
+    for batch, (i, seq_len) in enumerate(windows):
         inputs, targets = get_batch(train_data, i, seq_len)  # (T, B) each
         group = optimizer.opt.param_groups[0]
         base_lr = group["lr"]

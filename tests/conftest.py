@@ -24,7 +24,8 @@ def tier(item) -> str | None:
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects: it must see each test's one tier
 def pytest_collection_modifyitems(config, items):
     """Every test belongs to one tier, its closest tier marker, so `-m fast` (make test-fast) selects exactly it:
-    the tier moves onto the test, and a module's default tier (pytestmark) no longer applies where a test set its own."""
+    the tier moves onto the test, and a module's default tier (pytestmark) no longer applies where a test set its
+    own."""
     tiers = {item: tier(item) for item in items}
     untiered = [item.nodeid for item, found in tiers.items() if found is None]
     if untiered:

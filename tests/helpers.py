@@ -77,7 +77,8 @@ def run_harness(*args, cwd, timeout=600, check=True):
     proc = subprocess.run([sys.executable, "-m", "harness", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"harness {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(f"harness {' '.join(map(str, args))} exited {proc.returncode}:\n"
+                             f"{proc.stdout}\n{proc.stderr}")
     return proc
 
 

@@ -1,8 +1,8 @@
 """Real servers for the multi-machine tests, and the exactly-once audit of a study's records.
 
 A throwaway PostgreSQL cluster and an MLflow tracking server on it, both on 127.0.0.1 only, one of each per
-test session. PostgreSQL must be installed (Debian: `apt-get install -y postgresql`, as .ci/run does);
-without it these tests skip, unless AWD_REQUIRE_POSTGRESQL=1 (CI) makes that a failure. pyproject.toml loads this file as a
+test session. PostgreSQL must be installed (Debian: `apt-get install -y postgresql`, as .ci/run does); without
+it these tests skip, unless AWD_REQUIRE_POSTGRESQL=1 (CI) makes that a failure. pyproject.toml loads this file as a
 plugin (-p shared_stores), so the fixtures are shared by every test module; the audit figures of every
 test that recorded some are printed at the end of the session.
 """

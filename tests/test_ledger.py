@@ -71,8 +71,8 @@ def make_study(tmp_path, trials=4, pruner="none", warmup=2, sampler="tpe", edits
 
 
 def open_ledger(study, storage=None, md5=None):
-    return Ledger(study, storage or InMemoryStorage(), study.identity(md5 or {"train": "a", "valid": "b", "test": "c"},
-                                                                       {"train": "/corpus/train.txt"}), log=lambda *a: None)
+    identity = study.identity(md5 or {"train": "a", "valid": "b", "test": "c"}, {"train": "/corpus/train.txt"})
+    return Ledger(study, storage or InMemoryStorage(), identity, log=lambda *a: None)
 
 
 def reader_of(ledger):
@@ -155,7 +155,8 @@ def test_a_pruned_trial_is_never_counted_finished_or_best(tmp_path):
     params, value, number = ledger.best("awd")
     assert (value, number) == (120.0, finished.number)
     assert [t.state for t in reader_of(ledger).search_trials("awd")] == ["pruned", "finished"]
-    assert reader_of(ledger).search_trials("awd")[0].best_seen == 50.0 and reader_of(ledger).search_trials("awd")[0].value is None
+    pruned_trial = reader_of(ledger).search_trials("awd")[0]
+    assert pruned_trial.best_seen == 50.0 and pruned_trial.value is None
 
 
 def test_confirmation_retrains_the_best_search_parameters_and_optuna_shows_them(tmp_path):

@@ -22,7 +22,8 @@ from harness.study.processes import Child, ready
 TOTAL_SECONDS = 420.0  # the issue allows 8 minutes on one H200, start-up included
 GRACE_SECONDS = 10.0  # between a part's deadline and the kill of its process group
 
-PASS, FAIL, SKIPPED, ERROR, OVERRAN, INFO, REHEARSED = "pass", "fail", "skipped", "error", "overran", "info", "rehearsed"
+PASS, FAIL, SKIPPED, ERROR, OVERRAN = "pass", "fail", "skipped", "error", "overran"
+INFO, REHEARSED = "info", "rehearsed"
 FAILED = frozenset({FAIL, ERROR, OVERRAN})
 
 
@@ -176,7 +177,8 @@ def run_check(out: Path, parts, budget: float = TOTAL_SECONDS, rehearse: bool = 
     for i, part in enumerate(runnable):
         seconds = part_seconds(runnable[i:], budget - (time.monotonic() - started), grace)
         if seconds < part.min_seconds:
-            why = f"only {max(seconds, 0):.0f} s of the {budget:.0f} s budget left for it; it needs {part.min_seconds:.0f} s"
+            why = (f"only {max(seconds, 0):.0f} s of the {budget:.0f} s budget left for it; it needs "
+                   f"{part.min_seconds:.0f} s")
             rows.append(CheckRow(part.title, part.what, SKIPPED, target=part.target, why=why))
             say(f"part {part.title}: skipped: {why}")
             continue

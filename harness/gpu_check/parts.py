@@ -71,7 +71,8 @@ def junit_rows(path: Path, part: str) -> list[CheckRow]:
             why = (skipped.get("message") or "").strip()
             rows.append(CheckRow(part, what, SKIPPED, "", "passes", why.removeprefix("Skipped: "), {"test": name}))
         else:
-            rows.append(CheckRow(part, what, PASS, f"{seconds:.2f} s", "passes", "", {"test": name, "seconds": seconds}))
+            rows.append(CheckRow(part, what, PASS, f"{seconds:.2f} s", "passes", "",
+                                 {"test": name, "seconds": seconds}))
     return rows
 
 
@@ -125,7 +126,8 @@ def part_bench(ctx: PartContext) -> None:
         took = time.monotonic() - started
         if i + 1 < len(BENCH_BATCHES) and ctx.seconds_left() < 2 * took:
             ctx.emit(CheckRow(ctx.part.title, f"bench, batch {BENCH_BATCHES[i + 1]}", SKIPPED,
-                              why=f"{ctx.seconds_left():.0f} s left of the part's budget; batch {batch} took {took:.0f} s"))
+                              why=f"{ctx.seconds_left():.0f} s left of the part's budget; batch {batch} took "
+                                  f"{took:.0f} s"))
             return
 
 
@@ -252,7 +254,8 @@ PARTS = (
          "pass", part_tests, cap_seconds=120, min_seconds=30),
     Part("memory", "1 memory", "weight drop's memory per training step vs nn.LSTM, paper size",
          f"<= {MEMORY_STEP_LIMIT} x W_hh per step", part_memory, cap_seconds=60, min_seconds=20, rehearsable=False),
-    Part("bench", "2 bench", f"AWD (locked) vs plain cuDNN stack, paper size, batch {' and '.join(map(str, BENCH_BATCHES))}",
+    Part("bench", "2 bench",
+         f"AWD (locked) vs plain cuDNN stack, paper size, batch {' and '.join(map(str, BENCH_BATCHES))}",
          f">= {BENCH_TARGET}x", part_bench, cap_seconds=120, min_seconds=40),
     Part("epoch", "3 epoch", "one epoch of studies/paper-ptb.toml (awd) on PTB",
          f"<= {REFERENCE_EPOCH_SECONDS:.0f} s/epoch (reference, GP100)", part_epoch, cap_seconds=180, min_seconds=45),

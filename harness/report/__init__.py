@@ -1,12 +1,8 @@
-"""The comparison report of a study: one self-contained HTML page and two CSVs, built only from what was logged.
+"""The comparison report of a study, built only from what MLflow and Optuna hold: `logs` reads them, `summary`
+computes every number (statistics from harness.stats), `plots` draws, `page` renders the Jinja2 template; writes
+<out>/<study>/index.html, results.csv and comparisons.csv, also for a study still running (it says what is missing).
 
     python -m harness report studies/ablation.toml [--tracking-uri URI] [--storage URL] [--out reports]
-
-Four layers, one module each: `logs` reads the MLflow runs and Optuna trials, `summary` computes every
-reported number (statistics from harness.stats), `plots` draws the figures, `page` renders them through the
-Jinja2 template in templates/. The report can be rebuilt at any time; a study still running or partly failed
-gives a partial report that says what is missing. Writes <out>/<study>/index.html, results.csv (one row per
-variant) and comparisons.csv (every comparison and its verdict).
 """
 
 from dataclasses import dataclass

@@ -45,7 +45,8 @@ def _headline(result: StudyResult) -> list:
         rows.append({
             "name": r.name, "description": r.description, "is_reference": r.name == result.reference,
             "search_best_val_ppl": _num(r.search_best_val_ppl), "mean": _num(r.mean),
-            "sd": _num(r.sd) if r.sd is not None else "", "ci": _interval(r.ci), "seeds": f"{len(r.test_ppl)} of {seeds}",
+            "sd": _num(r.sd) if r.sd is not None else "", "ci": _interval(r.ci),
+            "seeds": f"{len(r.test_ppl)} of {seeds}",
             "diff": "—" if c is None or c.diff is None else f"{c.diff:+.2f}",
             "diff_ci": _interval(c.ci, signed=True) if c else "", "p": _p(c.p) if c and c.p is not None else "",
             "test": c.test if c else "", "note": c.note if c else "", "p_holm": _p(c.p_holm) if c else "",
@@ -53,7 +54,8 @@ def _headline(result: StudyResult) -> list:
             "rates": (", ".join(f"{k.split('.', 1)[1]} {v:.3g}" for k, v in r.best_params.items()) if r.best_params
                       else "—" if r.searched else "nothing searched"),
             "trials_run": r.trials_run if tally else "—", "trials_pruned": tally.pruned if tally else "—",
-            "trials_failed": (f"{tally.failed + tally.retried}" + (f" ({tally.retried} retried)" if tally.retried else "")
+            "trials_failed": (f"{tally.failed + tally.retried}"
+                              + (f" ({tally.retried} retried)" if tally.retried else "")
                               + (f", {tally.interrupted} interrupted" if tally.interrupted else "")) if tally else "—",
             "device_hours": f"{r.device_hours:.3f}",
             "best_epoch": (f"{np.median(r.best_epochs):g} of {r.epochs}" + ("" if r.converged else " ⚠"))
@@ -73,7 +75,8 @@ def _headline_notes(result: StudyResult) -> list:
         f"95%: Student t (paired differences where the seeds match, Welch otherwise) below {stats.BCA_MIN_N} seeds, "
         "scipy's BCa bootstrap from there on; each interval is for its own comparison, unadjusted.",
         f"p: two-sided paired t-test over matching seeds, Welch's t-test otherwise. Every comparison in this report "
-        f"(against {baselines}: {len(result.comparisons)} in all, {tested} tested) is one family for Holm's adjustment, "
+        f"(against {baselines}: {len(result.comparisons)} in all, {tested} tested) is one family for "
+        "Holm's adjustment, "
         f"and a difference is called supported when its Holm-adjusted p is below {stats.ALPHA}.",
         "Best epoch: the median over the confirmation seeds of the epoch with the lowest validation perplexity; ⚠ "
         "marks a variant with a seed whose best epoch fell in the last quarter of its epochs (it may not have "

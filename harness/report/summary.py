@@ -1,10 +1,7 @@
-"""The report's numbers: one headline row per variant, the comparisons and their verdicts, what is missing,
-and the conclusions in words. A pure function of a StudyLog (harness.report.logs); statistics from harness.stats.
-
-Every difference is variant minus baseline in mean test perplexity over the confirmation seeds (negative: the
-variant is better). The baselines are the reference (awd, else the best variant) and, where the study has it,
-no_dropout, so that each technique's own effect is measured too. All comparisons of a report form one family
-for Holm's adjustment, and a difference is called supported by stats.is_supported alone.
+"""The report's numbers, a pure function of a StudyLog: one headline row per variant, every comparison (variant
+minus baseline in mean test perplexity over the confirmation seeds; baselines awd, else the best, and no_dropout for
+each technique's own effect; one Holm family; supported by stats.is_supported alone), what is missing, and the
+conclusions in words.
 """
 
 import shlex
@@ -111,7 +108,8 @@ def _variant_result(log: StudyLog, variant: str) -> VariantResult:
     return VariantResult(
         variant, log.study.variants[variant].description, searched, best_val, best_params, test_ppl,
         log.tallies.get(variant, {}).get(SEARCH), float(runs.seconds.sum()) / 3600,
-        tuple(int(e) for e in latest.best_epoch.dropna()), int(latest.epochs.max()) if latest.epochs.notna().any() else None,
+        tuple(int(e) for e in latest.best_epoch.dropna()),
+        int(latest.epochs.max()) if latest.epochs.notna().any() else None,
     )
 
 

@@ -56,7 +56,8 @@ def _halving_epochs(first_rung: int, epochs: int) -> float:
 
 
 def pruning_assumption(study: StudyConfig) -> PruningAssumption:
-    """The saving assumed from the study's pruner and warm-up (harness.study.ledger.writer.make_pruner builds the pruner)."""
+    """The saving assumed from the study's pruner and warm-up (harness.study.ledger.writer.make_pruner builds the
+    pruner)."""
     epochs, budget = study.max_epochs, study.budget
     first = budget.warmup_epochs + 1  # the first epoch at which a trial can be pruned
     if budget.pruner == "none":
@@ -375,7 +376,8 @@ def read_epoch_times(values: list) -> EpochTimes:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            raise UserError(f"--seconds-per-epoch {value}: not VARIANT=SECONDS, nor a readable JSON file ({err})") from None
+            raise UserError(f"--seconds-per-epoch {value}: not VARIANT=SECONDS, nor a readable JSON file "
+                            f"({err})") from None
         given, device, study = _json_epoch_times(path, data)
         seconds.update(given)
         sources.append(", ".join(f"{v} {s:g} s" for v, s in given.items()) + f" measured on {device} ({path})")
@@ -391,14 +393,17 @@ def _json_epoch_times(path: Path, data) -> tuple:
         given = data["seconds_per_epoch"]
         if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in given.values()):
             raise UserError(f"{path}: seconds_per_epoch should map variant names to numbers, got {given!r}")
-        return {str(v): float(s) for v, s in given.items()}, str(data.get("device", "another machine")), data.get("study")
+        device = str(data.get("device", "another machine"))
+        return {str(v): float(s) for v, s in given.items()}, device, data.get("study")
     if isinstance(data, dict) and isinstance(data.get("rows"), list):  # gpu-check.json (harness.gpu_check)
         if data.get("rehearsal"):
-            raise UserError(f"{path} is a rehearsal on toy sizes: its epoch time means nothing; run make gpu-check on a GPU")
+            raise UserError(f"{path} is a rehearsal on toy sizes: its epoch time means nothing; run make gpu-check "
+                            "on a GPU")
         epochs = [row["numbers"]["epoch_seconds"] for row in data["rows"]
                   if isinstance(row, dict) and "epoch_seconds" in (row.get("numbers") or {})]
         if len(epochs) != 1:
-            raise UserError(f"{path}: expected one row with an epoch time (part 3 of the GPU check), found {len(epochs)}")
+            raise UserError(f"{path}: expected one row with an epoch time (part 3 of the GPU check), found "
+                            f"{len(epochs)}")
         device = (data.get("environment") or {}).get("device") or "a GPU"
         return {"awd": float(epochs[0])}, device, "paper-ptb"
     raise UserError(f'{path}: expected {{"seconds_per_epoch": {{"VARIANT": SECONDS}}}} or a gpu-check.json')

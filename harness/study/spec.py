@@ -139,9 +139,11 @@ class StudyIdentity:
         before = dict(pair.split("=", 1) for pair in str(recorded.get("corpus_md5") or "").split(",") if "=" in pair)
         changed = changed_splits(before, self.corpus_md5)
         if changed:
-            files = ", ".join(f"{self.corpus_files.get(s, s)} (MD5 {before[s]} -> {self.corpus_md5[s]})" for s in changed)
-            return (f"{self.study_path}: the corpus changed since this study started: {files}; its trials would compare "
-                    "runs on two datasets: restore the file, or give the study a new study.name (or use new stores)")
+            files = ", ".join(f"{self.corpus_files.get(s, s)} (MD5 {before[s]} -> {self.corpus_md5[s]})"
+                              for s in changed)
+            return (f"{self.study_path}: the corpus changed since this study started: {files}; its trials would "
+                    "compare runs on two datasets: restore the file, or give the study a new study.name (or use new "
+                    "stores)")
         return None
 
 

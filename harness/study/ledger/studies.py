@@ -48,7 +48,8 @@ class StudyTrials(Patient):
     def _check_identity(self, ostudy: optuna.Study) -> None:
         problem = self.identity.mismatch(ostudy.user_attrs)
         if problem:
-            raise UserError(f"{problem} (the Optuna study {ostudy.study_name!r} in {redact(storage_url(self.storage))})")
+            where = redact(storage_url(self.storage))
+            raise UserError(f"{problem} (the Optuna study {ostudy.study_name!r} in {where})")
 
     def _trials(self, variant: str, phase: str, states=None) -> list[FrozenTrial]:
         ostudy = self.studies.get((variant, phase))
