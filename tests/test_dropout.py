@@ -237,6 +237,8 @@ def test_weight_drop_lstm_is_the_lstm_case_with_its_old_arguments():
     assert isinstance(layer, WeightDropRNN) and layer.cell == "lstm"
     assert (layer.weight_p, layer.recurrent_p) == (P, 0.1)
     assert WeightDropRNN(3, 4).cell == "lstm"  # the default cell
+    for layer in (WeightDropLSTM(3, 4), WeightDropRNN(3, 4, "gru")):  # rates default to 0: off
+        assert (layer.weight_p, layer.recurrent_p) == (0.0, 0.0)
 
 
 # ---- weight-dropped layers, every cell ------------------------------------------------------------
@@ -446,6 +448,18 @@ def test_on_cudnn_the_buffer_is_flattened_in_the_cells_mode_with_the_w_hh_slot(m
     torch.testing.assert_close(out, run(torch_like(layer, layer._slot), x, state), rtol=0, atol=0)
 
 
+def test_a_cudnn_build_keeps_a_layer_on_the_cpu_in_the_plain_layout(monkeypatch):
+    """On a CUDA machine torch may flatten for cuDNN, but a layer on the CPU is not cuDNN's: plain concatenation."""
+    calls = []
+    monkeypatch.setattr(torch, "_use_cudnn_rnn_flatten_weight", lambda: True)
+    monkeypatch.setattr(torch, "_cudnn_rnn_flatten_weight", lambda *args: calls.append(args))
+    layer = WeightDropRNN(6, 10, "gru", weight_p=P)
+    x = torch.randn(4, 2, 6)
+    torch.testing.assert_close(run(layer.eval(), x), run(torch_like(layer), x), rtol=0, atol=0)
+    assert calls == []
+    assert_flat([layer.weight_ih, layer._slot, layer.bias_ih, layer.bias_hh])
+
+
 @pytest.mark.parametrize("assign", ["data", "copy"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_asgd_style_weight_swaps_reach_the_kernel(kernel_calls, cell, assign):
@@ -502,6 +516,9 @@ def test_block_names_say_what_each_gate_block_does():
 def test_recurrent_path_matches_the_fused_kernel_when_nothing_is_dropped(cell):
     layer, x, state = layer_and_input(cell, recurrent_p=1e-12)  # the loop runs, but every mask is 1
     torch.testing.assert_close(run(layer, x, state), run(torch_like(layer), x, state), rtol=1e-10, atol=1e-10)
+    _, final = layer(x, state)  # the state in the cell's form, as the fused path and the torch module return it
+    _, final_ref = torch_like(layer)(x, state)
+    assert type(final) is type(final_ref) and isinstance(final, tuple) == (cell == "lstm")
 
 
 @pytest.mark.parametrize("cell", CELLS)
