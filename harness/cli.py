@@ -263,6 +263,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from harness.bench import ARMS, format_table, run_bench
+    from harness.config import CELLS
 
     if args.scheduler:
         return _bench_scheduler(args.tasks)
@@ -278,7 +279,10 @@ def cmd_bench(args) -> int:
             raise UserError(f"bench: unknown arm {name!r}; arms: {', '.join(ARMS)}")
     if "plain" not in arms:
         arms = ("plain", *arms)
-    rows = run_bench(sizes, rounds=args.rounds, steps=args.steps, device=device, arms=arms)
+    cells = tuple(c.strip() for c in args.cells.split(",") if c.strip()) if args.cells else CELLS
+    if not cells or any(c not in CELLS for c in cells):
+        raise UserError(f"bench --cells {args.cells!r}: use a comma list of {', '.join(CELLS)}")
+    rows = run_bench(sizes, rounds=args.rounds, steps=args.steps, device=device, arms=arms, cells=cells)
     print(format_table(rows, device))
     return 0
 
@@ -392,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="training throughput vs a plain nn.LSTM stack")
     p.add_argument("--sizes", default="paper,cpu", help="comma list of paper, cpu")
     p.add_argument("--arms", default="", help="comma list of arms (default: plain and every hidden mode)")
+    p.add_argument("--cells", default="", help="comma list of cells, each against a plain stack of its torch module "
+                   "(default: every cell)")
     p.add_argument("--rounds", type=_whole(1), default=8, help="rounds; the ratio is their median (more = steadier)")
     p.add_argument("--steps", type=_whole(1), default=3, help="training steps per arm per round")
     p.add_argument("--threads", type=_whole(0, 4096), default=0, help="torch threads (default: torch's choice)")

@@ -18,6 +18,8 @@ from harness.errors import UserError
 SITES = ("embedding", "input", "hidden", "output", "weight")
 # How the input, hidden and output masks are drawn (harness.dropout builds the module for each).
 HIDDEN_MODES = ("locked", "naive", "timestep", "naive_recurrent")
+# The recurrent cells, PyTorch's nn.LSTM, nn.GRU, nn.RNN(nonlinearity="tanh"/"relu") (harness.dropout.CELL_TABLE).
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 OPTIMIZERS = ("nt-asgd", "sgd")
 SEED_MAX = 2**32 - 1  # numpy seeds are unsigned 32-bit; torch's take them too
 INT_MAX = 2**31 - 1  # sizes, counts and threads reach torch as C ints
@@ -62,16 +64,18 @@ def check_choice(name, value, choices):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Sizes of the AWD-LSTM; the last layer is emb_size wide so the decoder can be tied."""
+    """Sizes of the AWD-LSTM and its recurrent cell; the last layer is emb_size wide so the decoder can be tied."""
 
     emb_size: int = 400
     hidden_size: int = 1150
     n_layers: int = 3
     tie_weights: bool = True
+    cell: str = "lstm"
 
     def __post_init__(self):
         check_numbers(self)
         check_positive(self, "emb_size", "hidden_size", "n_layers")
+        check_choice("cell", self.cell, CELLS)
 
 
 def dropout_rate(name: str, p) -> float:

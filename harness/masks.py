@@ -1,7 +1,8 @@
 """Diagrams of the dropout masks, drawn from the project's own modules in harness/dropout.py.
 
 Each figure runs a real module in train mode on ones and shows which entries came out zero (for weight
-drop: which entries of W_hh got no gradient). `python -m harness masks` writes them as PNGs; the report
+drop: which entries of W_hh got no gradient, for each W_hh layout of harness.dropout.CELL_TABLE: the vanilla
+RNN's H x H, GRU's 3 and LSTM's 4 gate blocks). `python -m harness masks` writes them as PNGs; the report
 embeds them as data URIs (`png_data_uri`).
 """
 
@@ -17,14 +18,14 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from torch import nn
 
-from harness.dropout import EmbeddingDropout, LockedDropout, NaiveDropout, TimestepDropout, WeightDropLSTM
+from harness.dropout import CELL_TABLE, EmbeddingDropout, LockedDropout, NaiveDropout, TimestepDropout, WeightDropRNN
 
 SEED = 0
 KEPT, DROPPED = "#8fbde6", "#1d2733"
 # Fractions in between would mean a partly dropped vector: they show as a shade instead of hiding.
 CMAP = LinearSegmentedColormap.from_list("mask", [DROPPED, KEPT])
 EMBEDDING_P, HIDDEN_P, WEIGHT_P = 0.3, 0.4, 0.5
-GATES = ("i", "f", "g", "o")  # nn.LSTM's order of the four gate blocks in W_hh
+BLOCK_LINE = "#e4572e"  # the line between two gate blocks of W_hh
 
 
 @dataclass(frozen=True)
@@ -56,16 +57,17 @@ def hidden_mask(module: nn.Module, steps: int, batch: int, units: int) -> np.nda
         return (module.train()(torch.ones(steps, batch, units)) != 0).double().numpy()
 
 
-def weight_drop_mask(layer: WeightDropLSTM, x: torch.Tensor, state: tuple) -> np.ndarray:
-    """(4H, H) kept entries of W_hh in one train-mode forward, read off its gradient: zero exactly where dropped."""
+def weight_drop_mask(layer: WeightDropRNN, x: torch.Tensor, state) -> np.ndarray:
+    """(gates * H, H) kept entries of W_hh in one train-mode forward from x (T, B, I) and state (the layer's form),
+    read off the raw W_hh's gradient: zero exactly where dropped (given inputs that leave no unit idle)."""
     output, _ = layer.train()(x, state)
     (grad,) = torch.autograd.grad(output.sum(), layer.weight_hh_raw)
     return (grad != 0).double().numpy()
 
 
-def _grid(ax, mask: np.ndarray, title: str) -> None:
+def _grid(ax, mask: np.ndarray, title: str, aspect: str = "auto") -> None:
     """Draw a 0/1 mask as cells with thin white borders."""
-    ax.imshow(mask, cmap=CMAP, vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+    ax.imshow(mask, cmap=CMAP, vmin=0, vmax=1, interpolation="nearest", aspect=aspect)
     rows, cols = mask.shape
     ax.set_xticks(np.arange(-0.5, cols), minor=True)
     ax.set_yticks(np.arange(-0.5, rows), minor=True)
@@ -137,33 +139,64 @@ def hidden_figure(mode: str, steps: int = 16, batch: int = 6, units: int = 2) ->
     return MaskFigure(mode, title, f"p={HIDDEN_P}: {rule}", masks, fig)
 
 
+def weight_layouts() -> dict:
+    """The W_hh layouts to draw, fewest gate blocks first: blocks -> the cells of CELL_TABLE that share them."""
+    layouts = {}
+    for name, cell in CELL_TABLE.items():
+        layouts.setdefault(cell.blocks, []).append(name)
+    return dict(sorted(layouts.items(), key=lambda item: len(item[0])))
+
+
 def weight_figure(hidden_size: int = 6, emb_size: int = 4, steps: int = 5, batch: int = 3) -> MaskFigure:
-    """WeightDropLSTM: the DropConnect mask on W_hh of two stacked layers, each its own draw."""
+    """WeightDropRNN: the DropConnect mask on W_hh of two stacked layers per W_hh layout, each layer its own draw."""
+    layouts = weight_layouts()
     masks = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        for i, input_size in enumerate((emb_size, hidden_size)):
-            # float64 and random inputs and state: no saturated gate or zero activation hides a kept weight.
-            layer = WeightDropLSTM(input_size, hidden_size, weight_p=WEIGHT_P).double()
-            x = torch.randn(steps, batch, input_size, dtype=torch.float64)
-            state = tuple(torch.randn(1, batch, hidden_size, dtype=torch.float64) for _ in range(2))
-            masks[f"layer {i + 1}"] = weight_drop_mask(layer, x, state)
-    fig = Figure(figsize=(3.4, 3.3))
-    axes = fig.subplots(1, 2)
-    for ax, (name, mask) in zip(axes, masks.items()):
-        _grid(ax, mask, name)
-        ax.set_yticks([hidden_size * g + (hidden_size - 1) / 2 for g in range(4)], [f"gate {g}" for g in GATES],
-                      fontsize=7)
-        for g in range(1, 4):
-            ax.axhline(hidden_size * g - 0.5, color="#e4572e", linewidth=1.2)
-        ax.set_xticks([])
-    fig.suptitle("W_hh (4H x H) of two stacked layers", fontsize=9)
+        for cells in layouts.values():
+            for i, input_size in enumerate((emb_size, hidden_size)):
+                # float64 and random inputs and state: no saturated gate or zero activation hides a kept weight.
+                layer = WeightDropRNN(input_size, hidden_size, cells[0], weight_p=WEIGHT_P).double()
+                x = torch.randn(steps, batch, input_size, dtype=torch.float64)
+                zeros = layer.init_state(batch)
+                state = tuple(map(torch.randn_like, zeros)) if isinstance(zeros, tuple) else torch.randn_like(zeros)
+                masks[f"{cells[0]}, layer {i + 1}"] = weight_drop_mask(layer, x, state)
+    # Every entry drawn the same size, so the layouts' heights compare: positions in inches.
+    unit, gap, between, left, right, top, bottom = 0.09, 0.12, 0.62, 0.5, 0.1, 0.62, 0.4
+    panel = hidden_size * unit
+    tallest = max(len(blocks) for blocks in layouts) * panel
+    width = left + len(layouts) * (2 * panel + gap) + (len(layouts) - 1) * between + right
+    height = bottom + tallest + top
+    fig = Figure(figsize=(width, height))
+    panels = iter(masks.items())
+    for n, (blocks, cells) in enumerate(layouts.items()):
+        factory = CELL_TABLE[cells[0]].module  # a torch module class, or a partial of one
+        module = getattr(factory, "func", factory).__name__  # RNN, GRU, LSTM; building one would draw numbers
+        for layer in range(2):
+            _, mask = next(panels)
+            x0 = left + n * (2 * panel + gap + between) + layer * (panel + gap)
+            rows = len(blocks) * hidden_size
+            ax = fig.add_axes([x0 / width, (bottom + tallest - rows * unit) / height, panel / width,
+                               rows * unit / height])
+            _grid(ax, mask, f"nn.{module}\nlayer {layer + 1}" if layer == 0 else f"\nlayer {layer + 1}",
+                  aspect="equal")
+            ax.set_xticks([])
+            labels = [f"gate {b}" for b in blocks] if len(blocks) > 1 else ["H x H"]
+            ax.set_yticks([hidden_size * g + (hidden_size - 1) / 2 for g in range(len(blocks))], labels, fontsize=7)
+            if layer == 1:
+                ax.tick_params(labelleft=False, length=0)
+            for g in range(1, len(blocks)):
+                ax.axhline(hidden_size * g - 0.5, color=BLOCK_LINE, linewidth=1.2)
+    fig.suptitle("W_hh (gates*H x H) of two stacked layers, per cell", fontsize=9)
     _legend(fig)
-    fig.subplots_adjust(left=0.15, right=0.97, top=0.86, bottom=0.12, wspace=0.5)
+    layout_text = "; ".join(
+        f"{' and '.join(cells)}: H x H" if len(blocks) == 1 else f"{' and '.join(cells)}: {len(blocks)}H x H, "
+        f"gates {', '.join(blocks)}" for blocks, cells in layouts.items()
+    )
     return MaskFigure(
         "weight", "Weight drop (DropConnect on W_hh)",
-        f"p={WEIGHT_P}: one mask on each layer's hidden-to-hidden weights per forward call, shared by every "
-        "sample and time step; each layer draws its own.",
+        f"p={WEIGHT_P}: one mask on each layer's whole hidden-to-hidden matrix, every gate block ({layout_text}), "
+        "per forward call, shared by every sample and time step; each layer draws its own.",
         masks, fig,
     )
 

@@ -6,6 +6,7 @@ smoke-study run per session. Plain helpers are in helpers.py.
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -65,20 +66,35 @@ def test_corpus(data_dir, tmp_path_factory) -> str:
     return str(synthetic.write_corpus(tmp_path_factory.mktemp("synthetic") / "synthetic"))
 
 
+class KernelCall(NamedTuple):
+    """One call into a fused recurrent kernel: which one, the weights it got, and a copy of the W_hh it got."""
+
+    kernel: str  # its name in torch._VF: lstm, gru, rnn_tanh, rnn_relu
+    weights: list  # [weight_ih, W_hh, bias_ih, bias_hh] as passed
+    weight_hh: object  # a copy of the W_hh argument: it aliases the slot, which the next forward overwrites
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Records (weights, copy of the W_hh it got) for every call into torch._VF.lstm (the fused LSTM kernel)."""
+    """Records a KernelCall for every call into the fused kernel of any cell in harness.dropout.CELL_TABLE
+    (torch._VF.lstm, gru, rnn_tanh, rnn_relu), from the layers under test and from torch's own modules alike."""
     import torch  # here, not at the top: most test modules need no torch
 
+    from harness.dropout import CELL_TABLE
+
     calls = []
-    fused = torch._VF.lstm
 
-    def spy(*args):
-        # Copy W_hh: the argument aliases the slot, which the next forward overwrites.
-        calls.append((list(args[2]), args[2][1].detach().clone()))
-        return fused(*args)
+    def spy_on(name):
+        fused = getattr(torch._VF, name)
 
-    monkeypatch.setattr(torch._VF, "lstm", spy)
+        def spy(*args):
+            calls.append(KernelCall(name, list(args[2]), args[2][1].detach().clone()))
+            return fused(*args)
+
+        return spy
+
+    for name in sorted({cell.kernel for cell in CELL_TABLE.values()}):
+        monkeypatch.setattr(torch._VF, name, spy_on(name))
     return calls
 
 

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from mlflow import MlflowClient
 
 from harness.config import DropoutConfig, ModelConfig, RunConfig, TrainConfig
 from harness.data import Corpus
+from harness.dropout import CELL_TABLE, WeightDropRNN
 from harness.study.coordinator import Coordinator
 from harness.study.ledger.storage import open_storage
 from harness.study.ledger.writer import Ledger
@@ -170,6 +172,33 @@ def tiny_config(**train) -> RunConfig:
     """An awd run of a 2-layer 16/24 model on tiny_corpus, 3 epochs, one thread; `train` overrides the recipe."""
     settings = dict(epochs=3, batch_size=4, eval_batch_size=4, test_batch_size=4, bptt=10, lr=5.0, seed=3, threads=1)
     return RunConfig("tiny", "awd", ModelConfig(16, 24, 2), TINY_RATES, TrainConfig(**{**settings, **train}))
+
+
+# --- recurrent layers against torch's own modules -------------------------------------------------------
+def torch_like(layer: WeightDropRNN, weight_hh: torch.Tensor | None = None) -> nn.RNNBase:
+    """The torch module of the layer's cell (nn.LSTM, nn.GRU, nn.RNN) on its device and dtype, holding its weights
+    (or weight_hh instead of its raw W_hh)."""
+    module = CELL_TABLE[layer.cell].module(layer.input_size, layer.hidden_size)
+    module = module.to(layer.weight_ih.device, layer.weight_ih.dtype)
+    with torch.no_grad():
+        module.weight_ih_l0.copy_(layer.weight_ih)
+        module.weight_hh_l0.copy_(layer.weight_hh_raw if weight_hh is None else weight_hh)
+        module.bias_ih_l0.copy_(layer.bias_ih)
+        module.bias_hh_l0.copy_(layer.bias_hh)
+    return module
+
+
+def random_state(layer: WeightDropRNN, batch: int, requires_grad: bool = False):
+    """A random state of the layer's form: (h, c) for the LSTM, else h; each (1, B, H) in its dtype."""
+    zeros = layer.init_state(batch)
+    draw = lambda t: torch.randn_like(t).requires_grad_(requires_grad)  # noqa: E731
+    return tuple(map(draw, zeros)) if isinstance(zeros, tuple) else draw(zeros)
+
+
+def run(layer, x, state=None):
+    """The layer's output and final state concatenated, for one-line comparisons."""
+    out, final = layer(x, state)
+    return torch.cat([out, *(final if isinstance(final, tuple) else (final,))])
 
 
 # --- the tiny ablation study ----------------------------------------------------------------------------

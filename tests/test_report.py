@@ -8,7 +8,6 @@ Run: .venv/bin/python -m pytest -q tests/test_report.py   (the browser test need
 import asyncio
 import dataclasses
 import json
-import os
 import re
 import shlex
 import shutil
