@@ -184,7 +184,7 @@ def suggest(word, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _coerce(hint, value, key):
+def coerce(hint, value, key):
     """Check one TOML value against a dataclass field's type; ints are accepted for floats."""
     origin = typing.get_origin(hint)
     if hint is bool:
@@ -220,7 +220,7 @@ def build_record(cls, table, where: str, source: Path, defaults=None):
                 f"{source}: unknown key '{where}.{key}'{suggest(key, names)}; known keys: {', '.join(names)}"
             )
         try:
-            values[key] = _coerce(hints[key], value, key)
+            values[key] = coerce(hints[key], value, key)
         except ValueError as err:
             raise UserError(f"{source}: {where}.{err}") from None
     try:
@@ -247,7 +247,7 @@ def parse_overrides(pairs) -> dict:
         except tomllib.TOMLDecodeError:
             value = raw.strip()  # bare words, e.g. dropout.hidden_mode=naive
         try:
-            value = _coerce(hints[name], value, key.strip())
+            value = coerce(hints[name], value, key.strip())
             cls(**{name: value})  # the field's own checks (range, finite), against valid defaults for the rest
         except ValueError as err:
             raise UserError(f"--set {pair.strip()}: {err}") from None

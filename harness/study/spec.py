@@ -1,21 +1,23 @@
 """The study file: one experiment's complete, reproducible record, validated before anything runs.
 
-`[study]`, `[fixed.model|dropout|train]`, `[variants.NAME]`, `[search]` and `[budget]`; `load_study` reads and
-checks it (every error names the file, the key path and the bad value) and `StudyConfig.run_config` resolves one
-variant into the `RunConfig` a run trains with.
+`[study]`, `[fixed.model|dropout|train]`, `[variants.NAME]`, `[axes]`, `[search]` and `[budget]`; `load_study` checks
+it (every error names the file, the key path and the bad value), crosses the variants with the axes into arms, and
+`StudyConfig.run_config` resolves one arm into the `RunConfig` a run trains with.
 """
 
 import dataclasses
 import hashlib
+import itertools
 import math
+import typing
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.config import (
-    SEED_MAX, SITES, HIDDEN_MODES, DropoutConfig, ModelConfig, RunConfig, TrainConfig, build_record, dropout_rate,
-    suggest, check_non_negative, check_numbers, check_positive, check_choice,
+    SEED_MAX, SITES, HIDDEN_MODES, DropoutConfig, ModelConfig, RunConfig, TrainConfig, build_record, check_choice,
+    check_non_negative, check_numbers, check_positive, coerce, dropout_rate, suggest,
 )
 from harness.data import changed_splits
 from harness.errors import UserError
@@ -25,6 +27,16 @@ SAMPLERS = ("tpe", "qmc")
 PRUNERS = ("median", "hyperband", "none")
 # Every name that becomes a path, an MLflow filter string or HTML (study, variant) matches this.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# An axis value as it appears in an arm's name (awd@cell=gru,train_tokens=20000): safe there too.
+SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.+-]{1,32}$")
+RECORDS = {"model": ModelConfig, "dropout": DropoutConfig, "train": TrainConfig}
+# Keys that cannot be axes, and why: each is set elsewhere for every run.
+NOT_AXES = {
+    "train.seed": "the confirmation seeds set it (budget.confirm_seeds)",
+    "train.epochs": "budget.epochs (or fixed.train.epochs) is one for the whole study: the pruner and the fair budget "
+                    "rest on it; compare epoch budgets in separate studies",
+    "dropout.hidden_mode": "each variant sets it: define variants with the modes to compare",
+}
 
 
 def check_name(name, what: str, source) -> str:
@@ -42,12 +54,20 @@ def check_name(name, what: str, source) -> str:
 
 @dataclass(frozen=True)
 class Variant:
-    """One ablation arm: which dropout sites are on and how hidden-state masks are drawn."""
+    """One ablation arm: which dropout sites are on and how hidden-state masks are drawn; in a study with [axes], a
+    variant crossed with one value of each axis that can act on it (its name then says them: awd@cell=gru)."""
 
     name: str
     sites: frozenset
     hidden_mode: str = "locked"
     description: str = ""
+    base: str = ""  # the variant this arm crosses with axis values; "" when it is the variant itself
+    axes: tuple = ()  # ((key, value), ...): this arm's axis settings, in [axes] order
+
+    @property
+    def variant(self) -> str:
+        """The name of the variant (the set of techniques) this arm runs."""
+        return self.base or self.name
 
 
 _LOCKED = frozenset({"input", "hidden", "output"})
@@ -157,10 +177,11 @@ class StudyConfig:
     metric: str
     notes: str
     fixed: RunConfig  # variant "" : the settings every arm starts from
-    variants: dict  # name -> Variant, in file order
+    variants: dict  # name -> Variant: the arms (the variants crossed with the axes; without [axes], the variants)
     search: SearchConfig
     budget: BudgetConfig
     text: str  # the file as read, logged as an artifact
+    axes: dict = field(default_factory=dict)  # key ("model.cell") -> tuple of its values, in file order
 
     @property
     def digest(self) -> str:
@@ -177,7 +198,12 @@ class StudyConfig:
         return StudyIdentity(self.path, self.digest, dict(corpus_md5 or {}), dict(corpus_files or {}))
 
     def run_config(self, variant: str, overrides: dict | None = None) -> RunConfig:
-        """The resolved config of one arm: inactive sites at 0, then `section.key` overrides."""
+        """The resolved config of one arm: inactive sites at 0, the arm's axis values, then `section.key`
+        overrides."""
+        arms = [a.name for a in self.variants.values() if a.base == variant and a.name != variant]
+        if variant not in self.variants and arms:
+            raise UserError(f"{self.path}: variant {variant!r} is crossed with [axes]: name one of its arms: "
+                            f"{', '.join(arms)}")
         if variant not in self.variants:
             raise UserError(
                 f"{self.path}: unknown variant {variant!r}{suggest(variant, self.variants)}; "
@@ -189,8 +215,8 @@ class StudyConfig:
             self.fixed, variant=variant,
             dropout=DropoutConfig(**rates, hidden_mode=arm.hidden_mode),
         )
-        overrides = overrides or {}
-        for key, value in overrides.items():
+        user = overrides or {}
+        for key, value in user.items():
             section, name = key.split(".", 1)
             if section == "dropout" and name in SITES and name not in arm.sites and value:
                 raise UserError(
@@ -198,7 +224,7 @@ class StudyConfig:
                     f"(its sites: {', '.join(sorted(arm.sites)) or 'none'}); choose a variant that uses it"
                 )
         try:
-            return config.replace(overrides)
+            return config.replace({**dict(arm.axes), **user})
         except ValueError as err:
             raise UserError(f"--set: {err}") from None
 
@@ -249,6 +275,71 @@ def _parse_variants(table, source) -> dict:
             raise UserError(f"{source}: {where}.description = {description!r} should be a string")
         variants[name] = Variant(name, frozenset(sites), mode, description)
     return variants
+
+
+def _axis_acts(key: str, variant: Variant) -> bool:
+    """Whether an axis can change the variant's runs: a dropout rate only where the variant switches its site on."""
+    section, name = key.split(".", 1)
+    return not (section == "dropout" and name in SITES and name not in variant.sites)
+
+
+def _parse_axes(table, fixed: RunConfig, search: SearchConfig, source) -> dict:
+    """[axes]: "section.key" = [value, value, ...]; each value valid for its key, at least two, none twice."""
+    axes = {}
+    for key, values in table.items():
+        where = f'axes."{key}"'
+        section, _, name = key.partition(".")
+        hints = typing.get_type_hints(RECORDS[section]) if section in RECORDS else {}
+        if name not in hints:
+            known = [f"{s}.{n}" for s, cls in RECORDS.items() for n in typing.get_type_hints(cls)]
+            raise UserError(f"{source}: {where}: not a setting{suggest(key, known)}; an axis is a key of "
+                            "[fixed.model], [fixed.dropout] or [fixed.train], written \"section.key\"")
+        if key in NOT_AXES:
+            raise UserError(f"{source}: {where} cannot be an axis: {NOT_AXES[key]}")
+        if section == "dropout" and name in search.rates or key == "train.lr" and search.lr is not None:
+            raise UserError(f"{source}: {where}: [search] searches it; a setting is either searched or an axis: "
+                            f"remove it from [search] or from [axes]")
+        if not isinstance(values, list) or len(values) < 2:
+            raise UserError(f"{source}: {where} = {values!r} should be a list of at least two values to compare")
+        coerced = []
+        for value in values:
+            try:
+                value = coerce(hints[name], value, key)
+                fixed.replace({key: value})  # the field's own checks (range, choices), as --set makes them
+            except ValueError as err:
+                raise UserError(f"{source}: {where}: {err}") from None
+            if value in coerced:
+                raise UserError(f"{source}: {where} lists {value!r} twice; list each value once")
+            if not SAFE_VALUE.match(_axis_text(value)):
+                raise UserError(f"{source}: {where}: value {value!r} cannot name an arm; use letters, digits, '_', "
+                                "'.', '+', '-' (at most 32)")
+            coerced.append(value)
+        axes[key] = tuple(coerced)
+    return axes
+
+
+def _axis_text(value) -> str:
+    """An axis value as an arm's name shows it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def cross_arms(variants: dict, axes: dict) -> dict:
+    """name -> Variant of every arm: each variant at every combination of the axis values that can act on it (a
+    variant an axis cannot act on, e.g. a rate axis on a variant without that site, runs once for all its values),
+    grouped by combination, variants in file order within it. Without axes, the variants themselves."""
+    if not axes:
+        return dict(variants)
+    short = {k: k.split(".", 1)[1] for k in axes}
+    labels = {k: short[k] if list(short.values()).count(short[k]) == 1 else k for k in axes}
+    arms = {}
+    for combination in itertools.product(*axes.values()):
+        for variant in variants.values():
+            acting = tuple((k, v) for k, v in zip(axes, combination) if _axis_acts(k, variant))
+            name = variant.name + ("@" + ",".join(f"{labels[k]}={_axis_text(v)}" for k, v in acting) if acting else "")
+            arms.setdefault(name, dataclasses.replace(variant, name=name, base=variant.name, axes=acting))
+    return arms
 
 
 def _parse_range(value, key, source, *, log=False) -> Range:
@@ -303,7 +394,7 @@ def load_study(path) -> StudyConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{path}: malformed TOML: {err}") from None
-    _only_keys(data, ("study", "fixed", "variants", "search", "budget"), "(top level)", path)
+    _only_keys(data, ("study", "fixed", "variants", "axes", "search", "budget"), "(top level)", path)
     head = _table(data, "study", "study", path)
     _only_keys(head, ("name", "corpus", "metric", "notes"), "study", path)
     name = check_name(head.get("name", path.stem), "study.name =", path)
@@ -325,6 +416,8 @@ def load_study(path) -> StudyConfig:
         dropout=build_record(DropoutConfig, _table(fixed, "dropout", "fixed.dropout", path), "fixed.dropout", path),
         train=build_record(TrainConfig, _table(fixed, "train", "fixed.train", path), "fixed.train", path),
     )
+    search = _parse_search(_table(data, "search", "search", path), path)
+    axes = _parse_axes(_table(data, "axes", "axes", path), run, search, path)
     return StudyConfig(
         path=path,
         name=name,
@@ -332,10 +425,11 @@ def load_study(path) -> StudyConfig:
         metric=metric,
         notes=notes,
         fixed=run,
-        variants=_parse_variants(_table(data, "variants", "variants", path), path),
-        search=_parse_search(_table(data, "search", "search", path), path),
+        variants=cross_arms(_parse_variants(_table(data, "variants", "variants", path), path), axes),
+        search=search,
         budget=build_record(BudgetConfig, _table(data, "budget", "budget", path), "budget", path),
         text=text,
+        axes=axes,
     )
 
 

@@ -122,18 +122,26 @@ class Tracker:
                 self.parents[variant] = found[0].info.run_id
             else:
                 run = self.client.create_run(self.experiment_id, run_name=variant, tags={
-                    **self.common_tags, "kind": "variant", "variant": variant,
+                    **self.common_tags, **self._arm_tags(variant), "kind": "variant", "variant": variant,
                     "description": self.study.variants[variant].description,
                 })
                 self.client.log_text(run.info.run_id, self.study.text, "study.toml")
                 self.parents[variant] = run.info.run_id
         return self.parents[variant]
 
+    def _arm_tags(self, arm: str) -> dict:
+        """Tags that place an arm of a study with [axes]: its variant and one `axis.KEY` tag per axis value."""
+        found = self.study.variants[arm]
+        if not found.axes:
+            return {}
+        return {"base_variant": found.variant, **{f"axis.{key}": str(value) for key, value in found.axes}}
+
     def start_run(self, config: RunConfig, name: str, tags: dict) -> str:
         """A child run of the variant with params, tags and the study file and config as artifacts."""
         parent = self.parent_run(config.variant)
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
-            **self.common_tags, **{k: str(v) for k, v in tags.items()}, "kind": "run", "variant": config.variant,
+            **self.common_tags, **self._arm_tags(config.variant), **{k: str(v) for k, v in tags.items()}, "kind": "run",
+            "variant": config.variant,
             "state": RunState.RUNNING, "mlflow.parentRunId": parent,
         })
         run_id = run.info.run_id
