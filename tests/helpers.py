@@ -235,10 +235,14 @@ max_retries = 1
 """
 
 
-def tiny_study(tmp_path, corpus, trials=2, seeds="[]"):
-    """TINY on `corpus` (the test_corpus fixture: PTB, or the synthetic corpus without it)."""
+def tiny_study(tmp_path, corpus, trials=2, seeds="[]", edits=()):
+    """TINY on `corpus` (the test_corpus fixture: PTB, or the synthetic corpus without it), with (old, new) text edits."""
+    text = with_corpus(TINY.format(trials=trials, seeds=seeds), corpus)
+    for old, new in edits:
+        assert old in text, old
+        text = text.replace(old, new)
     path = tmp_path / "tiny.toml"
-    path.write_text(with_corpus(TINY.format(trials=trials, seeds=seeds), corpus))
+    path.write_text(text)
     return load_study(path)
 
 

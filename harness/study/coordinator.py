@@ -15,6 +15,7 @@ from pathlib import Path
 from harness.data import find_split_files, load_corpus
 from harness.errors import UserError
 from harness.study import rules
+from harness.study.adequacy import judge_trials
 from harness.study.ledger.storage import open_storage
 from harness.study.ledger.writer import Claim, Ledger, TrialLost
 from harness.study.live import LiveView, format_params
@@ -89,6 +90,8 @@ class Coordinator:
                                        {"best_trial": number, **{f"best.{k}": f"{v:.4g}" for k, v in params.items()}})
         self.view.say(f"{variant}: search settled, best val ppl {value:.2f} (trial {number}){format_params(params)}; "
                       f"confirming over {len(self.study.budget.confirm_seeds)} seeds")
+        for flag in judge_trials(rules.search_space(self.study, variant), self.ledger.search_trials(variant)):
+            self.view.say(f"{variant}: search-limited? {flag.text}; fix: {flag.fix}")
 
     def _start(self, claim: Claim, slot: Slot) -> Task:
         seed = claim.seed if claim.phase == CONFIRM else self.study.fixed.train.seed

@@ -2,8 +2,6 @@
 importances, and the tallies; it opens only studies that exist and writes nothing.
 """
 
-import math
-from dataclasses import dataclass
 
 import optuna
 from optuna.storages import BaseStorage
@@ -13,21 +11,9 @@ from harness.errors import UserError
 from harness.study import rules
 from harness.study.ledger.storage import patient, storage_url
 from harness.study.ledger.studies import StudyTrials, holds_study
-from harness.study.rules import PHASES, SEARCH, RunState, optuna_name
+from harness.study.rules import PHASES, SEARCH, optuna_name
 from harness.study.spec import StudyConfig, StudyIdentity
 from harness.study.stores import redact
-
-
-@dataclass(frozen=True)
-class SearchTrial:
-    """A finished or pruned search trial, for the report."""
-
-    variant: str
-    number: int
-    state: RunState  # FINISHED or PRUNED
-    value: float | None  # best validation perplexity; None when pruned
-    best_seen: float | None  # the value, or a pruned trial's lowest reported perplexity
-    params: dict
 
 
 class LedgerReader(StudyTrials):
@@ -40,17 +26,6 @@ class LedgerReader(StudyTrials):
         names = set(optuna.get_all_study_names(storage))
         self.studies = {(v, p): self._load(v, p) for v in self.variants for p in PHASES
                         if optuna_name(study, v, p) in names}
-
-    @patient
-    def search_trials(self, variant: str) -> list[SearchTrial]:
-        """The variant's finished and pruned search trials, in trial order."""
-        out = []
-        for t in self._trials(variant, SEARCH, (TrialState.COMPLETE, TrialState.PRUNED)):
-            value = t.value if t.state == TrialState.COMPLETE else None
-            seen = [v for v in t.intermediate_values.values() if math.isfinite(v)]
-            out.append(SearchTrial(variant, t.number, RunState.FINISHED if value is not None else RunState.PRUNED,
-                                   value, value if value is not None else min(seen, default=None), dict(t.params)))
-        return out
 
     @patient
     def importances(self, variant: str, min_trials: int) -> dict | str:

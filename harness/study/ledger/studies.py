@@ -2,6 +2,9 @@
 and what is settled or still due (the rules themselves are harness.study.rules'). Base of the writer and the reader.
 """
 
+import math
+from dataclasses import dataclass
+
 import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
@@ -9,7 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 from harness.errors import UserError
 from harness.study import rules
 from harness.study.ledger.storage import Patient, patient, storage_url
-from harness.study.rules import CONFIRM, PHASES, SEARCH, Tally, optuna_name, trials_for
+from harness.study.rules import CONFIRM, PHASES, SEARCH, RunState, Tally, optuna_name, trials_for
 from harness.study.spec import StudyConfig, StudyIdentity
 from harness.study.stores import redact
 
@@ -28,6 +31,18 @@ def holds_study(storage: BaseStorage, study: StudyConfig) -> bool:
     """Whether the storage holds any Optuna study of this study (any variant, any phase)."""
     names = set(optuna.get_all_study_names(storage))
     return any(optuna_name(study, v, p) in names for v in study.variants for p in PHASES)
+
+
+@dataclass(frozen=True)
+class SearchTrial:
+    """A finished or pruned search trial, for the report."""
+
+    variant: str
+    number: int
+    state: RunState  # FINISHED or PRUNED
+    value: float | None  # best validation perplexity; None when pruned
+    best_seen: float | None  # the value, or a pruned trial's lowest reported perplexity
+    params: dict
 
 
 class StudyTrials(Patient):
@@ -83,6 +98,17 @@ class StudyTrials(Patient):
         """Confirmation seed -> test perplexity of the variant's finished confirmation runs."""
         return {t.user_attrs["seed"]: t.user_attrs["test_ppl"]
                 for t in self._trials(variant, CONFIRM, (TrialState.COMPLETE,)) if "test_ppl" in t.user_attrs}
+
+    @patient
+    def search_trials(self, variant: str) -> list[SearchTrial]:
+        """The variant's finished and pruned search trials, in trial order."""
+        out = []
+        for t in self._trials(variant, SEARCH, (TrialState.COMPLETE, TrialState.PRUNED)):
+            value = t.value if t.state == TrialState.COMPLETE else None
+            seen = [v for v in t.intermediate_values.values() if math.isfinite(v)]
+            out.append(SearchTrial(variant, t.number, RunState.FINISHED if value is not None else RunState.PRUNED,
+                                   value, value if value is not None else min(seen, default=None), dict(t.params)))
+        return out
 
     def search_settled(self, variant: str) -> bool:
         """Every search trial of the budget has settled and none runs or waits (rules.search_settled)."""
