@@ -78,6 +78,7 @@ def test_a_clean_search_gets_no_flag():
     assert [f.kind for f in flags] == ["edge", "still_falling"]
 
 
+@pytest.mark.slow  # MLflow makes its SQLite store: seconds
 def test_the_live_view_says_when_a_settled_search_sits_at_an_edge(tmp_path, test_corpus):
     # The paper rate (weight 0.3) is the top of the range here, and it is the best trial.
     study = tiny_study(tmp_path, test_corpus, trials=2, seeds="[1]",
