@@ -408,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="corpora")
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    f = data_sub.add_parser("fetch", help="download a known corpus (ptb, wikitext-2) and verify MD5s")
+    f = data_sub.add_parser("fetch", help="download a known corpus (ptb, wikitext-2) and verify MD5s, or write the "
+                                                 "generated one (markov: its true perplexity is known)")
     f.add_argument("name")
     f.add_argument("--data-dir", help="default $AWD_DATA_DIR or ./data")
     f.add_argument("--url", help="mirror folder that holds the archive")

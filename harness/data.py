@@ -71,6 +71,10 @@ KNOWN_CORPORA = {
 }
 
 
+# Corpora written here rather than downloaded: `markov`, whose true perplexity is known (harness.synthetic).
+GENERATED_CORPORA = ("markov",)
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: comparing tensor fields elementwise has no single truth value
 class Corpus:
     """A tokenised corpus: the vocabulary and the token ids of each split."""
@@ -118,8 +122,8 @@ def load_corpus(
     """Load a corpus by name under data_dir (or by folder path), fetching a known one if it is missing."""
     folder = _corpus_folder(name, data_dir)
     if len(_match_split_files(folder)) < len(_SPLITS):
-        if folder.name in KNOWN_CORPORA and fetch_missing:
-            fetch_corpus(folder.name, folder.parent, log=log)
+        if (folder.name in KNOWN_CORPORA or folder.name in GENERATED_CORPORA) and fetch_missing:
+            folder = fetch_corpus(folder.name, folder.parent, log=log)
         else:
             raise UserError(_missing_message(folder))
     files = find_split_files(folder)
@@ -165,18 +169,22 @@ def _read_split(path: Path) -> bytes:
 def fetch_corpus(
     name: str, data_dir: Path | None = None, *, base_url: str | None = None, log: Callable[[str], object] = print
 ) -> Path:
-    """Download a known corpus into data_dir/name, verify its files and write MD5SUMS; returns the folder."""
+    """Download a known corpus (or write a generated one) into data_dir/name, verify its files and write MD5SUMS;
+    returns the folder."""
     source = KNOWN_CORPORA.get(name)
     data_dir = Path(data_dir).absolute() if data_dir is not None else default_data_dir()
     folder = data_dir / name
-    if source is None:
+    if source is None and name not in GENERATED_CORPORA:
         raise UserError(
-            f"unknown corpus {name!r}: `python -m harness data fetch` knows {', '.join(sorted(KNOWN_CORPORA))}; "
-            f"for another corpus put its train/valid/test files into {folder} yourself"
+            f"unknown corpus {name!r}: `python -m harness data fetch` knows "
+            f"{', '.join(sorted([*KNOWN_CORPORA, *GENERATED_CORPORA]))}; for another corpus put its train/valid/test "
+            f"files into {folder} yourself"
         )
     if len(_match_split_files(folder)) == len(_SPLITS):
         log(f"{name}: already present in {folder}; delete it to fetch again")
         return folder
+    if source is None:
+        return _generate(name, folder, log)
 
     url = _archive_url(source.url, base_url or os.environ.get(DATA_URL_ENV))
     try:
@@ -204,6 +212,21 @@ def fetch_corpus(
         "".join(f"{md5[split]}  {Path(source.members[split]).name}\n" for split in _SPLITS), encoding="utf-8"
     )
     log(f"{name}: fetched into {folder}")
+    return folder
+
+
+def _generate(name: str, folder: Path, log: Callable[[str], object]) -> Path:
+    """Write a generated corpus (GENERATED_CORPORA) and its MD5SUMS into folder."""
+    from harness import synthetic  # it builds on this module's Corpus and batchify
+
+    try:
+        synthetic.write_corpus(folder)
+    except OSError as err:
+        raise UserError(f"cannot write {folder} ({err.strerror}); set {DATA_DIR_ENV} to a writable folder") from None
+    files = find_split_files(folder)
+    (folder / _MD5SUMS).write_text("".join(f"{hashlib.md5(files[split].read_bytes()).hexdigest()}  "
+                                           f"{files[split].name}\n" for split in _SPLITS), encoding="utf-8")
+    log(f"{name}: written into {folder}")
     return folder
 
 
@@ -269,7 +292,13 @@ def _corpus_folder(name: str, data_dir: Path | None) -> Path:
     """The folder of a corpus given by name (under data_dir) or by path (anything with a slash or ~)."""
     if "/" in name or os.sep in name or name.startswith("~") or name in (".", ".."):
         return Path(name).expanduser().absolute()
-    return (Path(data_dir).absolute() if data_dir is not None else default_data_dir()) / name
+    folder = (Path(data_dir).absolute() if data_dir is not None else default_data_dir()) / name
+    if name in GENERATED_CORPORA and len(_match_split_files(folder)) < len(_SPLITS):
+        # A generated corpus is written where it can be: the data folder may be a read-only shared one.
+        spare = _cache_dirs(folder)[1] / "corpora" / name
+        if len(_match_split_files(spare)) == len(_SPLITS) or not _writable_dir(folder.parent):
+            return spare
+    return folder
 
 
 def _match_split_files(folder: Path) -> dict[str, Path]:
@@ -299,14 +328,14 @@ def _missing_message(folder: Path) -> str:
     """Why a corpus folder cannot be loaded yet, and what to do about it."""
     name = folder.name
     files = ", ".join(" or ".join(names) for names in _SPLIT_NAMES.values())
-    if name in KNOWN_CORPORA:
+    if name in KNOWN_CORPORA or name in GENERATED_CORPORA:
         return (
-            f"corpus {name!r} is not in {folder}: run `{_fetch_command(folder)}` to download it, "
-            f"or put its three files ({files}) into {folder}"
+            f"corpus {name!r} is not in {folder}: run `{_fetch_command(folder)}` to "
+            f"{'download' if name in KNOWN_CORPORA else 'write'} it, or put its three files ({files}) into {folder}"
         )
     return (
         f"corpus {name!r} is not in {folder}: put its three files ({files}) into {folder}; "
-        f"`python -m harness data fetch` can download only {', '.join(sorted(KNOWN_CORPORA))}"
+        f"`python -m harness data fetch` knows only {', '.join(sorted([*KNOWN_CORPORA, *GENERATED_CORPORA]))}"
     )
 
 

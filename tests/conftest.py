@@ -1,5 +1,5 @@
 """Fixtures and hooks: the tiers every test belongs to, what a test needs, the corpus tests train on (PTB where
-there is one, else the synthetic corpus of tests/synthetic.py, so a fresh clone passes offline), and one real
+there is one, else the `markov` corpus of harness/synthetic.py, so a fresh clone passes offline), and one real
 smoke-study run per session. Plain helpers are in helpers.py.
 """
 
@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import pytest
 
-import synthetic
+from harness import synthetic
 from helpers import PTB_DATA_DIR, SMOKE_STUDY, require, run_harness, study_for_tests
 
 PTB = PTB_DATA_DIR / "ptb" if PTB_DATA_DIR else None  # the PTB folder, or None
@@ -60,7 +60,7 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def test_corpus(data_dir, tmp_path_factory) -> str:
     """What a study file's `corpus = "..."` names for tests: "ptb" where there is PTB, else the absolute path
-    of the synthetic corpus (tests/synthetic.py), written once per session."""
+    of the synthetic corpus (harness/synthetic.py), written once per session."""
     if PTB is not None:
         return "ptb"
     return str(synthetic.write_corpus(tmp_path_factory.mktemp("synthetic") / "synthetic"))

@@ -1,6 +1,6 @@
 """Known-answer tests of the whole training recipe on a corpus whose true perplexity is exact.
 
-The corpus comes from the Markov chain of tests/synthetic.py (entropy rate H = 1.0918 nats, exp(H) = 2.980).
+The corpus comes from the Markov chain of harness/synthetic.py (entropy rate H = 1.0918 nats, exp(H) = 2.980).
 No model can beat the true one in expectation, and a correct recipe gets close to it, on every cell: these tests
 measure how close, and that dropout is what keeps a model from overfitting a small slice. CPU, about 45 s together.
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import synthetic
+from harness import synthetic
 from harness.config import CELLS, DropoutConfig, ModelConfig, RunConfig, TrainConfig
 from harness.data import load_corpus
 from harness.train import train_model

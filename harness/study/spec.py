@@ -132,6 +132,18 @@ class BudgetConfig:
 
 
 @dataclass(frozen=True)
+class ExpectConfig:
+    """What the literature reports for this study's configuration, with its source: the report's answer key."""
+
+    source: str  # e.g. "Merity et al. 2017, Table 4: PTB, AWD-LSTM without fine-tuning"
+    test_ppl: dict = field(default_factory=dict)  # arm -> published test perplexity
+    val_ppl: dict = field(default_factory=dict)  # arm -> published validation perplexity
+    ordering_only: tuple = ()  # arms whose published values come from another recipe: signs and ordering only
+    tolerance: float = 0.0  # a value agrees within this fraction of it (else only inside the measured interval)
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class StudyIdentity:
     """What makes the runs of one study comparable: the study file's digest and the corpus files' MD5s.
 
@@ -182,6 +194,7 @@ class StudyConfig:
     budget: BudgetConfig
     text: str  # the file as read, logged as an artifact
     axes: dict = field(default_factory=dict)  # key ("model.cell") -> tuple of its values, in file order
+    expect: ExpectConfig | None = None  # the published results this study is checked against ([expect])
 
     @property
     def digest(self) -> str:
@@ -342,6 +355,44 @@ def cross_arms(variants: dict, axes: dict) -> dict:
     return arms
 
 
+def _parse_expect(table, arms: dict, source) -> ExpectConfig | None:
+    """[expect]: source (required), test_ppl / val_ppl tables of arm -> published perplexity (at least one),
+    ordering_only (arms), tolerance (a fraction, default 0), note."""
+    if not table:
+        return None
+    _only_keys(table, ("source", "test_ppl", "val_ppl", "ordering_only", "tolerance", "note"), "expect", source)
+    text = {key: table.get(key, "") for key in ("source", "note")}
+    for key, value in text.items():
+        if not isinstance(value, str):
+            raise UserError(f"{source}: expect.{key} = {value!r} should be a string")
+    if not text["source"].strip():
+        raise UserError(f"{source}: expect.source is missing: say where the numbers come from (paper, table, "
+                        "configuration)")
+    published = {}
+    for metric in ("test_ppl", "val_ppl"):
+        values = _table(table, metric, f"expect.{metric}", source)
+        for arm, value in values.items():
+            if arm not in arms:
+                raise UserError(f"{source}: expect.{metric}.{arm}: no such arm{suggest(arm, arms)}; this study runs: "
+                                f"{', '.join(arms)}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value < math.inf:
+                raise UserError(f"{source}: expect.{metric}.{arm} = {value!r} should be a perplexity (a finite "
+                                "number >= 1)")
+        published[metric] = {arm: float(value) for arm, value in values.items()}
+    if not any(published.values()):
+        raise UserError(f"{source}: [expect] gives no number: add test_ppl = {{ ARM = VALUE }} or val_ppl")
+    ordering_only = table.get("ordering_only", [])
+    keyed = {*published["test_ppl"], *published["val_ppl"]}
+    if not isinstance(ordering_only, list) or any(arm not in keyed for arm in ordering_only):
+        raise UserError(f"{source}: expect.ordering_only = {ordering_only!r} should list arms of expect.test_ppl or "
+                        "expect.val_ppl")
+    tolerance = table.get("tolerance", 0.0)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+        raise UserError(f"{source}: expect.tolerance = {tolerance!r} should be a fraction in [0, 1), e.g. 0.05")
+    return ExpectConfig(text["source"].strip(), published["test_ppl"], published["val_ppl"], tuple(ordering_only),
+                        float(tolerance), text["note"].strip())
+
+
 def _parse_range(value, key, source, *, log=False) -> Range:
     if (not isinstance(value, list) or len(value) != 2
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
@@ -394,7 +445,7 @@ def load_study(path) -> StudyConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{path}: malformed TOML: {err}") from None
-    _only_keys(data, ("study", "fixed", "variants", "axes", "search", "budget"), "(top level)", path)
+    _only_keys(data, ("study", "fixed", "variants", "axes", "search", "budget", "expect"), "(top level)", path)
     head = _table(data, "study", "study", path)
     _only_keys(head, ("name", "corpus", "metric", "notes"), "study", path)
     name = check_name(head.get("name", path.stem), "study.name =", path)
@@ -418,6 +469,7 @@ def load_study(path) -> StudyConfig:
     )
     search = _parse_search(_table(data, "search", "search", path), path)
     axes = _parse_axes(_table(data, "axes", "axes", path), run, search, path)
+    arms = cross_arms(_parse_variants(_table(data, "variants", "variants", path), path), axes)
     return StudyConfig(
         path=path,
         name=name,
@@ -425,11 +477,12 @@ def load_study(path) -> StudyConfig:
         metric=metric,
         notes=notes,
         fixed=run,
-        variants=cross_arms(_parse_variants(_table(data, "variants", "variants", path), path), axes),
+        variants=arms,
         search=search,
         budget=build_record(BudgetConfig, _table(data, "budget", "budget", path), "budget", path),
         text=text,
         axes=axes,
+        expect=_parse_expect(_table(data, "expect", "expect", path), arms, path),
     )
 
 

@@ -1,21 +1,11 @@
-"""A synthetic word corpus drawn from a known first-order Markov chain, so its true perplexity is exact.
-
-The source: V = 50 states, state 0 is the end of a sentence (written as a line break, read back as "<eos>"),
-the others are words w001..w049. Each row of the transition matrix P has K = 4 successors chosen uniformly
-without replacement, with probabilities drawn from Dirichlet(1, ..., 1) (seed 2017). Its entropy rate is
-    H = -sum_i pi_i sum_j P_ij log P_ij        (pi: the stationary distribution, pi P = pi)
-in nats per token, exactly (Cover & Thomas, Elements of Information Theory, thm 4.2.4), and exp(H) is the
-perplexity of the best possible model: H = 1.0918 nats, exp(H) = 2.980 for these settings. 50 words rather
-than a few hundred: SGD must see every transition often enough for a CPU run of seconds to come within a few
-hundredths of a nat of H (with 200 words and 8 successors a 10-second run stays 0.15 nats above it). `oracle_losses` gives the true model's per-token loss on the exact
-(input, target) pairs `harness.train.evaluate` scores, so a run can be compared to it token for token.
-
-Run: .venv/bin/python tests/synthetic.py OUT_DIR   (writes train.txt, valid.txt, test.txt; prints exp(H))
+"""The `markov` corpus: words drawn from a known first-order Markov chain (50 states, 4 successors each, Dirichlet
+probabilities, seed 2017), so its true perplexity is exact: exp(H), H = -sum_i pi_i sum_j P_ij log P_ij = 1.0918
+nats per token (Cover & Thomas, Elements of Information Theory, thm 4.2.4), exp(H) = 2.980. The floor no language
+model can beat: the answer key a study can check on any machine. `python -m harness data fetch markov` writes it.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +75,9 @@ class MarkovSource:
 
 
 def make_source(n_states: int = N_STATES, successors: int = SUCCESSORS, seed: int = SEED) -> MarkovSource:
-    """The random sparse chain described in the module docstring; raises if it is not irreducible."""
+    """The random sparse chain described in the module docstring; raises if it is not irreducible. 50 words rather
+    than a few hundred: SGD must see every transition often enough for a CPU run of seconds to come within a few
+    hundredths of a nat of H (with 200 words and 8 successors a 10-second run stays 0.15 nats above it)."""
     rng = np.random.default_rng(seed)
     transition = np.zeros((n_states, n_states))
     for row in transition:
@@ -109,9 +101,3 @@ def write_corpus(folder: Path, source: MarkovSource | None = None, seed: int = S
         state = states[-1]
         (folder / f"{split}.txt").write_text(source.text(states), encoding="utf-8")
     return folder
-
-
-if __name__ == "__main__":
-    out = write_corpus(Path(sys.argv[1]))
-    chain = make_source()
-    print(f"{out}: entropy rate {chain.entropy_rate:.4f} nats/token, true perplexity {chain.perplexity:.3f}")
