@@ -295,9 +295,8 @@ def _corpus_folder(name: str, data_dir: Path | None) -> Path:
     folder = (Path(data_dir).absolute() if data_dir is not None else default_data_dir()) / name
     if name in GENERATED_CORPORA and len(_match_split_files(folder)) < len(_SPLITS):
         # A generated corpus is written where it can be: the data folder may be a read-only shared one.
-        spare = _cache_dirs(folder)[1] / "corpora" / name
-        if len(_match_split_files(spare)) == len(_SPLITS) or not _writable_dir(folder.parent):
-            return spare
+        if not _writable_dir(folder.parent):
+            return _cache_dirs(folder)[1] / "corpora" / name
     return folder
 
 
