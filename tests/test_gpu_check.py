@@ -32,7 +32,9 @@ from harness.gpu_check.check import (
     ERROR, FAIL, INFO, OVERRAN, PASS, REHEARSED, SKIPPED, CheckRow, Part, exit_code, format_table, part_seconds,
     run_check,
 )
-from harness.gpu_check.parts import epoch_tokens, judge_bench, judge_memory, junit_rows, packing_tokens
+from harness.gpu_check.parts import (
+    epoch_tokens, judge_bench, judge_first_epoch, judge_memory, junit_rows, packing_tokens,
+)
 from harness.gpu_check import probes
 from harness.gpu_check.probes import WeightDropMemory, pack_trials
 from harness.study.scheduler import Slot
@@ -154,6 +156,26 @@ def test_bench_passes_at_the_target_ratio(ratio, result):
     awd = BenchRow("paper", "locked", 1000.0 * ratio, ratio, float("nan"), 900.0, 80)
     row = judge_bench(plain, awd)
     assert row["result"] == result and "batch 80" in row["what"] and row["ratio"] == ratio
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("val_ppl, result", [(308.03, PASS), (308.03 * 1.099, PASS), (308.03 * 0.901, PASS),
+                                             (308.03 * 1.101, FAIL), (308.03 * 0.899, FAIL), (1000.0, FAIL)])
+def test_the_first_epoch_passes_within_ten_percent_of_the_references_308(val_ppl, result):
+    row = judge_first_epoch(val_ppl)
+    assert row["result"] == result and row["reference_val_ppl"] == 308.03 and "308.03" in row["target"]
+    assert f"{val_ppl:.2f}" in row["value"]
+
+
+@pytest.mark.needs("ptb")
+def test_the_epoch_part_rehearsed_trains_the_reference_command_and_reports_both_rows(tmp_path):
+    (epoch_part,) = [p for p in gpu_parts.PARTS if p.name == "epoch"]
+    assert run_check(tmp_path, [epoch_part], budget=300, rehearse=True, cuda=False, log=lambda *a: None) == 0
+    rows = json.loads((tmp_path / "gpu-check.json").read_text())["rows"]
+    assert [r["result"] for r in rows] == [REHEARSED, REHEARSED]
+    speed, first = rows
+    assert "s/epoch" in speed["value"] and first["what"] == gpu_parts.FIRST_EPOCH_WHAT
+    assert first["numbers"]["reference_val_ppl"] == 308.03 and first["numbers"]["val_ppl"] > 1
 
 
 @pytest.mark.fast

@@ -25,6 +25,15 @@ REPO = Path(__file__).resolve().parents[2]
 PAPER_STUDY = REPO / "studies" / "paper-ptb.toml"
 # salesforce/awd-lstm-lm README, "Speed": PTB, batch 20, LSTM, NVIDIA Quadro GP100 (train + validation).
 REFERENCE_EPOCH_SECONDS = 65.0
+# The same README at commit 28683b2 (2017-09-07): `python main.py --batch_size 20 --data data/penn --dropouti 0.4
+# --seed 28 --epoch 300` "should result in a validation perplexity of 308.03" after its first epoch; main.py's defaults
+# then were --dropouth 0.3, --dropout 0.4, --dropoute 0.1, --wdrop 0.5, lr 30, bptt 70, 400/1150/3 tied, the rest
+# as studies/paper-ptb.toml. Part 3 trains its epoch with that command's settings and compares.
+REFERENCE_FIRST_EPOCH_VAL_PPL = 308.03
+REFERENCE_COMMAND = {"dropout.hidden": 0.3, "train.seed": 28}
+# Another implementation, framework version and random stream move a first epoch's perplexity by some percent; a
+# recipe that is wrong (a technique missing, another learning rate, dropout left on at validation) moves it by more.
+FIRST_EPOCH_TOLERANCE = 0.10
 BENCH_TARGET = 0.9  # AWD with every technique on, at least this fraction of the plain cuDNN stack's tokens/s
 BENCH_BATCHES = (20, 80)
 PACKING_TRIALS = (1, 2, 4)
@@ -163,9 +172,10 @@ def epoch_tokens(n_tokens: int, batch_size: int) -> int:
 
 
 def part_epoch(ctx: PartContext) -> None:
-    """3: one epoch of the paper's configuration (awd) on PTB, against the reference's seconds per epoch."""
+    """3: one epoch of the paper's configuration (awd, the reference README's command) on PTB, against the reference's
+    seconds per epoch and its first epoch's validation perplexity."""
     device = "cpu" if ctx.rehearse else "cuda"
-    config = _paper_config({"train.epochs": 1}, ctx.rehearse)
+    config = _paper_config({"train.epochs": 1, **REFERENCE_COMMAND}, ctx.rehearse)
     corpus = load_corpus(config.corpus, fetch_missing=False, log=ctx.log)
     recipe = config.train
     train_tokens = epoch_tokens(recipe.train_tokens or len(corpus.train), recipe.batch_size)
@@ -188,6 +198,8 @@ def part_epoch(ctx: PartContext) -> None:
                 f"~{forecast:.0f} s/epoch, extrapolated ({probe_rate:,.0f} tokens/s over {probe_tokens:,} tokens)",
                 target, why=f"extrapolated: a full epoch would not fit the part's {ctx.seconds_left():.0f} s left",
                 tokens_per_s=probe_rate, tokens=probe_tokens, epoch_seconds=forecast, extrapolated=True)
+        ctx.emit(CheckRow(ctx.part.title, FIRST_EPOCH_WHAT, SKIPPED, target=FIRST_EPOCH_TARGET,
+                          why="no full epoch fitted the part's time left"))
         return
     started = time.perf_counter()
     result = train_model(config, corpus, device=device, progress=False, evaluate_test=False)
@@ -199,6 +211,22 @@ def part_epoch(ctx: PartContext) -> None:
             f"({REFERENCE_EPOCH_SECONDS / seconds:.1f}x the reference's speed)", target,
             tokens_per_s=epoch.tokens_per_s, tokens=train_tokens, epoch_seconds=seconds,
             train_seconds=epoch.epoch_seconds, val_ppl=epoch.val_ppl, extrapolated=False)
+    ctx.row(**judge_first_epoch(epoch.val_ppl))
+
+
+FIRST_EPOCH_WHAT = ("validation perplexity after the first epoch of the reference README's PTB command (seed 28, "
+                    "dropouth 0.3, the paper's other rates)")
+FIRST_EPOCH_TARGET = (f"{REFERENCE_FIRST_EPOCH_VAL_PPL} +- {FIRST_EPOCH_TOLERANCE:.0%} (awd-lstm-lm README at "
+                      "28683b2: the recipe learns as the reference does)")
+
+
+def judge_first_epoch(val_ppl: float) -> dict:
+    """The row (PartContext.row arguments) of the GPU answer key: the first epoch's validation perplexity within
+    FIRST_EPOCH_TOLERANCE of the reference's 308.03."""
+    off = val_ppl / REFERENCE_FIRST_EPOCH_VAL_PPL - 1
+    return dict(what=FIRST_EPOCH_WHAT, result=PASS if abs(off) <= FIRST_EPOCH_TOLERANCE else FAIL,
+                value=f"{val_ppl:.2f} ({off:+.1%} from the reference's {REFERENCE_FIRST_EPOCH_VAL_PPL})",
+                target=FIRST_EPOCH_TARGET, val_ppl=val_ppl, reference_val_ppl=REFERENCE_FIRST_EPOCH_VAL_PPL)
 
 
 def packing_tokens(tokens_per_s: float | None, seconds: float, batch_size: int, bptt: int) -> int:
