@@ -3,11 +3,14 @@ corpus whose answer is known exactly."""
 
 import math
 
+import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from harness import synthetic
 from harness.data import load_corpus
 from harness.errors import UserError
+from harness.report.answer_keys import check_key
 from harness.study.spec import load_study
 from helpers import REPO
 
@@ -92,3 +95,46 @@ def test_a_generated_corpus_goes_to_the_cache_when_the_data_folder_is_read_only(
     finally:
         shared.chmod(0o755)
     assert corpus.path == tmp_path / "cache" / "corpora" / "markov" and not (shared / "markov").exists()
+
+
+# --- published against measured ---------------------------------------------------------------------------
+def gal_key(tmp_path, ordering_only='[]', tolerance=0.0):
+    return study_with(tmp_path, f'source = "G&G 2016"\ntest_ppl = {{ naive = 82.7, locked_only = 79.7 }}\n'
+                                f'ordering_only = {ordering_only}\ntolerance = {tolerance}\n').expect
+
+
+def seeds(*values):
+    return dict(enumerate(values, start=1))
+
+
+def test_published_against_measured_recomputed_by_hand(tmp_path):
+    key = gal_key(tmp_path)
+    measured = {"test_ppl": {"naive": seeds(83.0, 82.0, 84.0), "locked_only": seeds(85.0, 86.0, 84.0)}}
+    result = check_key(key, measured)
+    naive, locked = result.rows
+    assert (naive.arm, naive.measured, naive.seeds) == ("naive", 83.0, 3) and naive.diff == pytest.approx(0.3)
+    t = scipy_stats.t.ppf(0.975, 2) * np.std([83.0, 82.0, 84.0], ddof=1) / math.sqrt(3)
+    assert (naive.ci.low, naive.ci.high) == pytest.approx((83.0 - t, 83.0 + t))
+    assert naive.agrees(0.0) is True  # 82.7 lies in [80.5, 85.5]
+    assert locked.measured == 85.0 and locked.agrees(0.0) is False  # 79.7 lies below [82.5, 87.5]
+    (sign,) = result.signs
+    assert (sign.published, sign.measured, sign.holds) == (pytest.approx(3.0), pytest.approx(-2.0), False)
+    assert result.verdict.startswith("Not reproduced: 1 of 2 published values agree")
+    assert "the published ordering is violated: published naive > locked_only (test), measured the other way by 2.00" \
+           in result.verdict and "off: locked_only test 85.00 vs 79.7" in result.verdict
+
+
+def test_a_tolerance_lets_a_value_agree_outside_the_interval_and_ordering_only_arms_are_not_compared(tmp_path):
+    measured = {"test_ppl": {"naive": seeds(86.0, 86.1, 85.9), "locked_only": seeds(81.0, 81.1, 80.9)}}
+    assert check_key(gal_key(tmp_path), measured).rows[0].agrees(0.0) is False  # 82.7 vs 86 +- 0.25
+    result = check_key(gal_key(tmp_path, tolerance=0.05), measured)
+    assert [row.agrees(0.05) for row in result.rows] == [True, True]
+    assert result.verdict == ("Reproduced: 2 of 2 published values agree with the measured ones (within the measured "
+                              "95% interval or 5%); the published ordering holds.")
+    result = check_key(gal_key(tmp_path, ordering_only='["naive", "locked_only"]'), measured)
+    assert [row.agrees(0.0) for row in result.rows] == [None, None]
+    assert result.verdict == "Reproduced: the published ordering holds."
+
+
+def test_nothing_measured_yet_is_said(tmp_path):
+    assert check_key(gal_key(tmp_path), {}).verdict.startswith("Not checked yet")
