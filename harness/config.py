@@ -86,6 +86,20 @@ def dropout_rate(name: str, p) -> float:
     return float(p)
 
 
+# The sites whose masks `hidden_mode` draws; with none of them on, the mode changes nothing.
+MASKED_SITES = ("input", "hidden", "output")
+
+
+def idle_sites(model: "ModelConfig", hidden_mode: str) -> dict:
+    """site -> why a non-zero rate there cannot act on this model (empty when every site can): the one rule for
+    rates that change nothing (study files, axes, --set, the search space). The hidden rate drops the outputs
+    between layers, so a one-layer model has none for it, unless naive_recurrent also applies it to h(t-1)."""
+    if model.n_layers == 1 and hidden_mode != "naive_recurrent":
+        return {"hidden": "with n_layers = 1 there is no output between layers for it to drop (only hidden_mode "
+                          "naive_recurrent also applies it, to h(t-1))"}
+    return {}
+
+
 @dataclass(frozen=True)
 class DropoutConfig:
     """The five dropout rates and how hidden-state masks are drawn; a rate of 0 is the identity."""

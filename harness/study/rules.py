@@ -34,9 +34,10 @@ def optuna_name(study: StudyConfig, variant: str, phase: str) -> str:
 
 def search_space(study: StudyConfig, variant: str) -> dict[str, Range]:
     """The variant's searched parameters, named like the config keys they set ("dropout.input", "train.lr"):
-    the rates of its active sites that [search] gives a range, and the learning rate if searched."""
-    arm = study.variants[variant]
-    space = {f"dropout.{site}": rng for site, rng in study.search.rates.items() if site in arm.sites}
+    the rates of its active sites (on, and able to act on its model) that [search] gives a range, and the learning
+    rate if searched."""
+    active = study.active_sites(variant)
+    space = {f"dropout.{site}": rng for site, rng in study.search.rates.items() if site in active}
     if study.search.lr is not None:
         space["train.lr"] = study.search.lr
     return space

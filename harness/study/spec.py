@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.config import (
-    SEED_MAX, SITES, HIDDEN_MODES, DropoutConfig, ModelConfig, RunConfig, TrainConfig, build_record, check_choice,
-    check_non_negative, check_numbers, check_positive, coerce, dropout_rate, suggest,
+    MASKED_SITES, SEED_MAX, SITES, HIDDEN_MODES, DropoutConfig, ModelConfig, RunConfig, TrainConfig, build_record,
+    check_choice, check_non_negative, check_numbers, check_positive, coerce, dropout_rate, idle_sites, suggest,
 )
 from harness.data import changed_splits
 from harness.errors import UserError
@@ -210,9 +210,16 @@ class StudyConfig:
         """This study's identity on a corpus (split -> MD5); without one, only the study file is checked."""
         return StudyIdentity(self.path, self.digest, dict(corpus_md5 or {}), dict(corpus_files or {}))
 
+    def active_sites(self, variant: str) -> frozenset:
+        """The arm's sites whose rates can act on its model (harness.config.idle_sites): run at their rates and
+        searched; every other site stays 0."""
+        arm = self.variants[variant]
+        return arm.sites - set(idle_sites(self.fixed.replace(dict(arm.axes)).model, arm.hidden_mode))
+
     def run_config(self, variant: str, overrides: dict | None = None) -> RunConfig:
-        """The resolved config of one arm: inactive sites at 0, the arm's axis values, then `section.key`
-        overrides."""
+        """The resolved config of one arm: the arm's axis values, then `section.key` overrides; every site that is
+        off in the arm or cannot act on its model at 0. A rate or setting the overrides give that cannot act is a
+        UserError."""
         arms = [a.name for a in self.variants.values() if a.base == variant and a.name != variant]
         if variant not in self.variants and arms:
             raise UserError(f"{self.path}: variant {variant!r} is crossed with [axes]: name one of its arms: "
@@ -223,11 +230,6 @@ class StudyConfig:
                 f"this study defines: {', '.join(self.variants)}"
             )
         arm = self.variants[variant]
-        rates = {s: (getattr(self.fixed.dropout, s) if s in arm.sites else 0.0) for s in SITES}
-        config = dataclasses.replace(
-            self.fixed, variant=variant,
-            dropout=DropoutConfig(**rates, hidden_mode=arm.hidden_mode),
-        )
         user = overrides or {}
         for key, value in user.items():
             section, name = key.split(".", 1)
@@ -237,9 +239,20 @@ class StudyConfig:
                     f"(its sites: {', '.join(sorted(arm.sites)) or 'none'}); choose a variant that uses it"
                 )
         try:
-            return config.replace({**dict(arm.axes), **user})
+            config = self.fixed.replace({"dropout.hidden_mode": arm.hidden_mode, **dict(arm.axes), **user})
         except ValueError as err:
             raise UserError(f"--set: {err}") from None
+        idle = idle_sites(config.model, config.dropout.hidden_mode)
+        for key, value in user.items():
+            section, name = key.split(".", 1)
+            if section == "dropout" and name in idle and value:
+                raise UserError(f"--set {key}={value} cannot act in {variant!r}: {idle[name]}; leave it at 0")
+            if key == "train.nonmono" and config.train.optimizer == "sgd":
+                raise UserError(f"--set {key}={value} cannot act: train.optimizer is sgd, which never averages; "
+                                "drop it, or set train.optimizer=nt-asgd")
+        rates = {s: getattr(config.dropout, s) if s in arm.sites and s not in idle else 0.0 for s in SITES}
+        return dataclasses.replace(config, variant=variant,
+                                   dropout=dataclasses.replace(config.dropout, **rates))
 
 
 def _table(parent, key, where, source) -> dict:
@@ -283,6 +296,10 @@ def _parse_variants(table, source) -> dict:
         mode = spec.get("hidden_mode", base.hidden_mode if base else "locked")
         if mode not in HIDDEN_MODES:
             raise UserError(f"{source}: {where}.hidden_mode = {mode!r} is not one of {', '.join(HIDDEN_MODES)}")
+        if mode != "locked" and not set(sites) & set(MASKED_SITES):
+            raise UserError(f"{source}: {where}.hidden_mode = {mode!r} cannot act: it draws the masks of "
+                            f"{', '.join(MASKED_SITES)}, and this variant switches none of them on; write "
+                            "hidden_mode = 'locked'")
         description = spec.get("description", base.description if base else "")
         if not isinstance(description, str):
             raise UserError(f"{source}: {where}.description = {description!r} should be a string")
@@ -290,10 +307,12 @@ def _parse_variants(table, source) -> dict:
     return variants
 
 
-def _axis_acts(key: str, variant: Variant) -> bool:
-    """Whether an axis can change the variant's runs: a dropout rate only where the variant switches its site on."""
+def _axis_acts(key: str, variant: Variant, model: ModelConfig) -> bool:
+    """Whether an axis can change the variant's runs: a dropout rate only where the variant switches its site on and
+    the model (the arm's, its axis values applied) can use it."""
     section, name = key.split(".", 1)
-    return not (section == "dropout" and name in SITES and name not in variant.sites)
+    return not (section == "dropout" and name in SITES
+                and (name not in variant.sites or name in idle_sites(model, variant.hidden_mode)))
 
 
 def _parse_axes(table, fixed: RunConfig, search: SearchConfig, source) -> dict:
@@ -338,7 +357,7 @@ def _axis_text(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def cross_arms(variants: dict, axes: dict) -> dict:
+def cross_arms(variants: dict, axes: dict, fixed: RunConfig) -> dict:
     """name -> Variant of every arm: each variant at every combination of the axis values that can act on it (a
     variant an axis cannot act on, e.g. a rate axis on a variant without that site, runs once for all its values),
     grouped by combination, variants in file order within it. Without axes, the variants themselves."""
@@ -348,8 +367,9 @@ def cross_arms(variants: dict, axes: dict) -> dict:
     labels = {k: short[k] if list(short.values()).count(short[k]) == 1 else k for k in axes}
     arms = {}
     for combination in itertools.product(*axes.values()):
+        model = fixed.replace({k: v for k, v in zip(axes, combination) if k.startswith("model.")}).model
         for variant in variants.values():
-            acting = tuple((k, v) for k, v in zip(axes, combination) if _axis_acts(k, variant))
+            acting = tuple((k, v) for k, v in zip(axes, combination) if _axis_acts(k, variant, model))
             name = variant.name + ("@" + ",".join(f"{labels[k]}={_axis_text(v)}" for k, v in acting) if acting else "")
             arms.setdefault(name, dataclasses.replace(variant, name=name, base=variant.name, axes=acting))
     return arms
@@ -469,8 +489,8 @@ def load_study(path) -> StudyConfig:
     )
     search = _parse_search(_table(data, "search", "search", path), path)
     axes = _parse_axes(_table(data, "axes", "axes", path), run, search, path)
-    arms = cross_arms(_parse_variants(_table(data, "variants", "variants", path), path), axes)
-    return StudyConfig(
+    arms = cross_arms(_parse_variants(_table(data, "variants", "variants", path), path), axes, run)
+    study = StudyConfig(
         path=path,
         name=name,
         corpus=corpus,
@@ -484,5 +504,36 @@ def load_study(path) -> StudyConfig:
         axes=axes,
         expect=_parse_expect(_table(data, "expect", "expect", path), arms, path),
     )
+    _refuse_idle_settings(study, data)
+    return study
+
+
+def _refuse_idle_settings(study: StudyConfig, data: dict) -> None:
+    """UserError for a setting the file gives that can act in none of its arms: a non-zero rate or a search range of a
+    site no arm's model can use (harness.config.idle_sites), a hidden_mode in [fixed.dropout] (the variants set it),
+    nonmono without NT-ASGD, an axis that changes no arm."""
+    source, fixed = study.path, data.get("fixed", {})
+    for site in SITES:
+        using = [arm for arm in study.variants.values() if site in arm.sites]
+        if not using or any(site in study.active_sites(arm.name) for arm in using):
+            continue
+        arm = using[0]
+        why = idle_sites(study.fixed.replace(dict(arm.axes)).model, arm.hidden_mode)[site]
+        if getattr(study.fixed.dropout, site):
+            raise UserError(f"{source}: fixed.dropout.{site} = {getattr(study.fixed.dropout, site):g} cannot act in "
+                            f"any arm: {why}; set it to 0 or remove it")
+        if site in study.search.rates:
+            raise UserError(f"{source}: search.{site} cannot act in any arm: {why}; remove it from [search]")
+    if "hidden_mode" in fixed.get("dropout", {}):
+        raise UserError(f"{source}: fixed.dropout.hidden_mode cannot act: each variant sets its own hidden_mode; "
+                        "remove it and set hidden_mode in [variants.NAME]")
+    if ("nonmono" in fixed.get("train", {}) or "train.nonmono" in study.axes) and all(
+            study.run_config(arm).train.optimizer == "sgd" for arm in study.variants):
+        raise UserError(f"{source}: fixed.train.nonmono cannot act: train.optimizer is sgd, which never averages; "
+                        "remove it, or use optimizer = 'nt-asgd'")
+    for key in study.axes:
+        if not any(key in dict(arm.axes) for arm in study.variants.values()):
+            raise UserError(f"{source}: axes.\"{key}\" cannot act in any arm (no variant switches its site on where "
+                            "the model can use it); remove it from [axes]")
 
 
