@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,25 @@ class TrainResult:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message says where and what to try."""
+    """The loss, or a validation or test perplexity, is no measurement (see `measured`); the message says where and
+    what to try."""
+
+
+def measured(ppl) -> bool:
+    """Whether a perplexity is a measurement: a finite number below the largest float, which is how MLflow stores an
+    infinite one (1.797e308). The one rule for results: a run whose validation or test perplexity is not one diverged
+    (failed with its reason, never best, never averaged)."""
+    return (isinstance(ppl, (int, float)) and not isinstance(ppl, bool) and math.isfinite(ppl)
+            and ppl < sys.float_info.max)
+
+
+def divergence(result: RunResult) -> str | None:
+    """Why a finished run's summary is a diverged run's (its best validation or its test perplexity no measurement),
+    or None: the check a coordinator makes on every result before it records one."""
+    for name, value in (("best validation", result.best_val_ppl), ("test", result.test_ppl)):
+        if value is not None and not measured(value):
+            return f"diverged: the {name} perplexity is {value!r}, no measurement; lower train.lr"
+    return None
 
 
 class CheckpointError(UserError):
@@ -354,14 +373,15 @@ def train_model(
         train_loss, seconds, n_tokens = _train_epoch(model, optimizer, train_data, recipe, epoch, rng, progress)
         with optimizer.averaged_weights():
             val_loss = evaluate(model, val_data, recipe.bptt)
+            if not measured(perplexity(val_loss)):  # before it can become the best weights or reach a callback
+                raise TrainingDiverged(f"validation perplexity became {perplexity(val_loss)!r} (loss {val_loss:.4g} "
+                                       f"nats per token) at epoch {epoch}: lower train.lr")
             if val_loss < best["val_loss"]:
                 best = {"epoch": epoch, "val_loss": val_loss, "model": _own_storage(model.state_dict())}
                 if best_path is not None:
                     _save(best_path, {"model": best["model"], "config": config.to_dict(),
                                       "metrics": {"epoch": epoch, "val_loss": val_loss,
                                                   "val_ppl": perplexity(val_loss)}})
-        if not math.isfinite(val_loss):
-            raise TrainingDiverged(f"validation loss became {val_loss} at epoch {epoch}: lower train.lr")
         result = EpochResult(
             epoch=epoch, train_loss=train_loss, train_ppl=perplexity(train_loss), val_loss=val_loss,
             val_ppl=perplexity(val_loss), lr=optimizer.opt.param_groups[0]["lr"], epoch_seconds=seconds,
@@ -387,6 +407,9 @@ def train_model(
         model.load_state_dict(best["model"])
         test_data = batchify(corpus.test, recipe.test_batch_size).to(device)
         test_loss = evaluate(model, test_data, recipe.bptt)
+        if not measured(perplexity(test_loss)):
+            raise TrainingDiverged(f"test perplexity became {perplexity(test_loss)!r} (loss {test_loss:.4g} nats per "
+                                   f"token) with the best weights (epoch {best['epoch']}): lower train.lr")
     averaged_from = next((e.epoch for e in epochs if e.averaging), None)
     return TrainResult(
         config=config, epochs=tuple(epochs), best_epoch=best["epoch"], best_val_ppl=perplexity(best["val_loss"]),

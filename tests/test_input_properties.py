@@ -5,17 +5,22 @@ example and the members found beyond it as plain tests. test_bad_input.py holds 
 """
 
 import hashlib
+import math
 import signal
 from pathlib import Path
 
 import pytest
+from optuna.storages import InMemoryStorage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import with_corpus
+from helpers import child_runs, open_coordinator, tiny_config, tiny_corpus, tiny_study, with_corpus
 from harness.cli import main
-from harness.study.rules import search_space
+from harness.study.ledger.writer import Ledger
+from harness.study.rules import CONFIRM, SEARCH, RunState, search_space
+from harness.study.scheduler import Outcome, Slot
 from harness.study.spec import load_study
+from harness.train import RunResult, TrainingDiverged, measured, train_model
 
 pytestmark = pytest.mark.fast
 
@@ -171,3 +176,74 @@ def test_generated_hidden_rates_on_one_layer_are_refused(tmp_path, test_corpus, 
     extra = ["--set", f"dropout.hidden={rate!r}"] if where == "set" else []
     message = refused_unchanged(capsys, tmp_path, "train", path, "--variant", "mine", *extra)
     assert "cannot act" in message and "n_layers = 1" in message or "axes" in message
+
+
+# --- 6. non-finite results ----------------------------------------------------------------------------
+# Class: a run whose validation or test perplexity is no measurement (inf, NaN, or MLflow's 1.797e308 for inf).
+# Mechanism: one rule, harness.train.measured; train_model raises TrainingDiverged on it before a result exists,
+# the coordinator checks every result it receives (train.divergence) before either store records it, and the
+# ledger's best and the report's filters use the same rule.
+@pytest.mark.parametrize("value, is_measured", [
+    (58.8, True), (1e308, True), (math.inf, False), (-math.inf, False), (math.nan, False),
+    (1.7976931348623157e308, False), (None, False), ("58.8", False), (True, False),
+])
+def test_a_perplexity_is_a_measurement_only_when_finite_and_below_the_float_limit(value, is_measured):
+    assert measured(value) is is_measured
+
+
+def test_a_large_learning_rate_diverges_in_perplexity_though_the_loss_stays_finite():
+    # The issue's example: lr 1e4 keeps the training loss finite, but exp(val loss) overflows.
+    with pytest.raises(TrainingDiverged, match=r"validation perplexity became inf \(loss [0-9.e+]+ nats"):
+        train_model(tiny_config(lr=1e4, epochs=1), tiny_corpus(), progress=False)
+
+
+def test_a_test_perplexity_that_overflows_is_a_diverged_run(monkeypatch):
+    losses = iter([1.0, 800.0])  # the validation pass, then the test pass
+    monkeypatch.setattr("harness.train.evaluate", lambda *a: next(losses))
+    with pytest.raises(TrainingDiverged, match="test perplexity became inf"):
+        train_model(tiny_config(epochs=1), tiny_corpus(), progress=False)
+
+
+@pytest.mark.slow  # MLflow's SQLite store takes seconds to create
+def test_results_that_are_no_measurement_are_recorded_as_failed_in_both_stores(tmp_path, test_corpus):
+    study = tiny_study(tmp_path, test_corpus, trials=2, seeds="[1]",
+                       edits=[("[variants.weight_only]\n", ""), ("max_retries = 1", "max_retries = 0")])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    coordinator = open_coordinator(study, f"sqlite:///{tmp_path / 'optuna.db'}", uri, tmp_path / "runs")
+    ledger, slot = coordinator.ledger, Slot(0, "cpu", 1)
+
+    def run(best_val_ppl, test_ppl=None):
+        task = coordinator.next_task(slot)
+        coordinator.on_start(task, slot)
+        result = RunResult(best_val_ppl, 1, test_ppl, None, None, 1.0, 1)
+        coordinator.on_done(task, slot, Outcome(RunState.FINISHED, result=result))
+
+    run(math.inf)  # the issue's example: search trial 0
+    run(300.0)
+    assert ledger.tally("locked_only", SEARCH).finished == 1 and ledger.best("locked_only")[1] == 300.0
+    run(250.0, 1.7976931348623157e308)  # the confirmation: MLflow's stand-in for inf
+    assert ledger.tally("locked_only", CONFIRM).finished == 0 and ledger.confirmation_results("locked_only") == {}
+    _, runs, _ = child_runs(uri, study.name)
+    failed = [r for r in runs if r.data.tags["state"] == RunState.FAILED]
+    assert sorted(r.data.tags["trial"] for r in failed) == ["0", "0"]  # search #0 and confirm #0
+    assert all("diverged" in r.data.tags["fail_reason"] for r in failed)
+    assert not any({"best_val_ppl", "test_ppl"} & set(r.data.metrics) for r in failed)
+
+
+def test_an_infinite_value_an_older_harness_recorded_is_never_best(tmp_path, test_corpus):
+    study = tiny_study(tmp_path, test_corpus, trials=2, seeds="[1, 2]")
+    ledger = Ledger(study, InMemoryStorage(), study.identity(), log=lambda *a: None)
+    ledger.finish(ledger.claim("locked_only", SEARCH), math.inf, {})  # straight to Optuna, as before the guard
+    ledger.finish(ledger.claim("locked_only", SEARCH), 300.0, {})
+    assert ledger.best("locked_only")[1] == 300.0
+    ledger.enqueue_confirmation("locked_only")
+    ledger.finish(ledger.claim("locked_only", CONFIRM), 290.0, {"test_ppl": 1.7976931348623157e308})
+    ledger.finish(ledger.claim("locked_only", CONFIRM), 291.0, {"test_ppl": 280.0})
+    assert list(ledger.confirmation_results("locked_only").values()) == [280.0]
+
+
+@pytest.mark.slow  # calibration runs in child processes
+def test_plan_on_a_recipe_that_diverges_is_one_line(tmp_path, test_corpus, capsys):
+    path = study_file(tmp_path, test_corpus, STUDY.format(layers=2).replace("threads = 1\n", "threads = 1\nlr = 1e4\n"))
+    message = refused(capsys, "plan", path, "--devices", "cpu", "--trials-per-device", "1")
+    assert "calibrating the study on cpu: validation perplexity became inf" in message

@@ -12,7 +12,7 @@ import pandas as pd
 
 from harness import stats
 from harness.config import SITES
-from harness.study.rules import CONFIRM, SEARCH, RunState, Tally, search_space, trials_for
+from harness.study.rules import CONFIRM, SEARCH, RunState, Tally, measured, search_space, trials_for
 from harness.report.logs import StudyLog
 
 REFERENCE = "awd"
@@ -94,15 +94,16 @@ def searchable_params(rows) -> list:
 def _variant_result(log: StudyLog, variant: str) -> VariantResult:
     runs = log.runs[log.runs.variant == variant]
     finished = runs[runs.state == RunState.FINISHED]
-    search = finished[(finished.phase == SEARCH) & finished.best_val_ppl.notna()]
+    search = finished[(finished.phase == SEARCH) & finished.best_val_ppl.map(measured)]
     searched = tuple(search_space(log.study, variant))
     best_val, best_params = None, {}
     if len(search):
         best = search.loc[search.best_val_ppl.idxmin()]
         best_val = float(best.best_val_ppl)
         best_params = {k: float(best.params[k]) for k in searched if k in best.params}
-    # A run whose test perplexity overflowed (inf) diverged: it is listed with the failures, not averaged.
-    confirm = finished[(finished.phase == CONFIRM) & np.isfinite(finished.test_ppl)].sort_values("end_time")
+    # A run whose test perplexity is no measurement (inf, or MLflow's 1.797e308 for it) diverged: it is listed with
+    # the failures, not averaged.
+    confirm = finished[(finished.phase == CONFIRM) & finished.test_ppl.map(measured)].sort_values("end_time")
     test_ppl = {int(s): float(p) for s, p in zip(confirm.seed, confirm.test_ppl)}  # a seed's latest run wins
     latest = confirm.drop_duplicates("seed", keep="last").sort_values("seed")
     return VariantResult(

@@ -25,7 +25,7 @@ from harness.study.scheduler import ENVIRONMENT, Outcome, Scheduler, Slot, Task,
 from harness.study.spec import StudyConfig
 from harness.study.stores import HEARTBEAT, LocalLock, check_tracking, redact
 from harness.study.tracking import Tracker, git_commit, package_versions
-from harness.train import EpochResult, check_splits
+from harness.train import EpochResult, check_splits, divergence
 
 POLL_SECONDS = 5  # how often an idle coordinator looks for retries and confirmation seeds left by other machines
 LOST = "discarded: another machine failed this trial as stale while it ran here; its retry counts"
@@ -135,6 +135,9 @@ class Coordinator:
 
     def on_done(self, task: Task, slot: Slot, outcome: Outcome) -> None:
         attempt = self.attempts.pop(task.key)
+        diverged = divergence(outcome.result) if outcome.state == RunState.FINISHED else None
+        if diverged:  # whatever sent it: a result that is no measurement is recorded in neither store
+            outcome = Outcome(RunState.FAILED, reason=diverged)
         record = {RunState.FINISHED: self._finished, RunState.PRUNED: self._pruned}.get(outcome.state, self._failed)
         what = "" if attempt.lost else record(attempt, outcome)
         if attempt.lost:  # found out during its epochs, or while telling the ledger

@@ -271,8 +271,13 @@ def _calibration_worker(study: StudyConfig, variants: list, slot: Slot, folder: 
             windows = max(FIRST_WINDOWS, min(MAX_WINDOWS, round(PROBE_SECONDS / sample["window_seconds"])))
     except (BrokenPipeError, EOFError):
         pass  # the parent has what it needs, or is gone
-    except Exception:  # the parent reports it; a failed calibration must say why
-        conn.send(("failed", traceback.format_exc(limit=8)))
+    except Exception as err:  # the parent reports it; a failed calibration must say why
+        from harness.train import TrainingDiverged
+
+        if isinstance(err, (TrainingDiverged, UserError)):  # the study's settings: one line for the user
+            conn.send(("refused", str(err)))
+        else:
+            conn.send(("failed", traceback.format_exc(limit=8)))
     finally:
         conn.close()
 
@@ -285,7 +290,8 @@ def calibrate(study: StudyConfig, slots: list, *, budget_seconds: float = CALIBR
     two epochs of `train_model` on a slice (the second timed: the warm training rate; the first: the run's
     set-up and warm-up) plus a timed `evaluate` at the validation and at the test batch size. After
     `budget_seconds`, the first probe to end stops it; variants not probed get the mean rate of those that
-    were. Raises UserError for slots that mix CPU and GPU, RuntimeError when a process fails.
+    were. Raises UserError for slots that mix CPU and GPU or a recipe that diverges, RuntimeError when a process
+    fails.
     """
     devices = {slot.device.split(":")[0] for slot in slots}
     if len(devices) != 1:
@@ -323,6 +329,8 @@ def calibrate(study: StudyConfig, slots: list, *, budget_seconds: float = CALIBR
                         corpus_seconds.append(payload)
                     elif kind == "sample":
                         samples.append(payload)
+                    elif kind == "refused":
+                        raise UserError(f"calibrating the study on {slot.device}: {payload}")
                     else:
                         raise RuntimeError(f"calibration on {slot.device} failed:\n{payload}")
         finally:

@@ -86,8 +86,9 @@ class StudyTrials(Patient):
 
     @patient
     def best(self, variant: str) -> tuple[dict, float, int] | None:
-        """Parameters, value and number of the variant's best finished (never pruned) search trial."""
-        done = self._trials(variant, SEARCH, (TrialState.COMPLETE,))
+        """Parameters, value and number of the variant's best finished (never pruned) search trial; a value that is
+        no measurement (an inf recorded by an older harness) is never best."""
+        done = [t for t in self._trials(variant, SEARCH, (TrialState.COMPLETE,)) if rules.measured(t.value)]
         if not done:
             return None
         best = min(done, key=lambda t: (t.value, t.number))
@@ -97,7 +98,8 @@ class StudyTrials(Patient):
     def confirmation_results(self, variant: str) -> dict:
         """Confirmation seed -> test perplexity of the variant's finished confirmation runs."""
         return {t.user_attrs["seed"]: t.user_attrs["test_ppl"]
-                for t in self._trials(variant, CONFIRM, (TrialState.COMPLETE,)) if "test_ppl" in t.user_attrs}
+                for t in self._trials(variant, CONFIRM, (TrialState.COMPLETE,))
+                if rules.measured(t.user_attrs.get("test_ppl"))}
 
     @patient
     def search_trials(self, variant: str) -> list[SearchTrial]:
