@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from harness.errors import UserError
+from harness.paths import check_path, os_refusal
 from harness.study.stores import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, HEARTBEAT, STALE_AFTER
 
 ABLATE_DEFAULTS = {"storage": DEFAULT_STORAGE, "tracking_uri": DEFAULT_TRACKING_URI, "runs_dir": "runs",
@@ -45,7 +46,7 @@ def _output_dir(value, flag: str) -> Path:
     Tried for real (root ignores permission bits), but a folder without write bits counts as read-only, as in
     harness.data: it was shared that way on purpose.
     """
-    path = Path(value).expanduser()
+    path = check_path(value, f"{flag} {value}")
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {value}: {path} is a file, not a folder; pass a folder (it is made if missing)")
     nearest = path
@@ -441,6 +442,12 @@ def main(argv=None) -> int:
         return args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path the OS refused where no check named it first: still the user's fix
+        refusal = os_refusal(err, f"python -m harness {args.command}")
+        if refusal is None:
+            raise
+        print(f"error: {refusal}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to resume", file=sys.stderr)

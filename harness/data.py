@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from harness.errors import UserError
+from harness.paths import check_path
 
 DATA_DIR_ENV = "AWD_DATA_DIR"
 CACHE_DIR_ENV = "AWD_CACHE_DIR"
@@ -291,8 +292,9 @@ def bptt_positions(source: torch.Tensor, bptt: int, rng: np.random.Generator | N
 def _corpus_folder(name: str, data_dir: Path | None) -> Path:
     """The folder of a corpus given by name (under data_dir) or by path (anything with a slash or ~)."""
     if "/" in name or os.sep in name or name.startswith("~") or name in (".", ".."):
-        return Path(name).expanduser().absolute()
-    folder = (Path(data_dir).absolute() if data_dir is not None else default_data_dir()) / name
+        return check_path(name, f"corpus {name!r}").absolute()
+    parent = Path(data_dir).absolute() if data_dir is not None else default_data_dir()
+    folder = check_path(parent / name, f"corpus {name!r} in {DATA_DIR_ENV} or --data-dir")
     if name in GENERATED_CORPORA and len(_match_split_files(folder)) < len(_SPLITS):
         # A generated corpus is written where it can be: the data folder may be a read-only shared one.
         if not _writable_dir(folder.parent):
@@ -446,9 +448,14 @@ def _check_payload(payload: object, md5: dict[str, str]) -> None:
             and payload[split].dim() == 1
             for split in _SPLITS
         )
+        and all(isinstance(word, str) for word in payload["vocab"])
     )
     if not ok:
         raise ValueError("unexpected contents")
+    for split in _SPLITS:  # an id outside the vocabulary would index past the embedding, or wrap around
+        ids = payload[split]
+        if len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < len(payload["vocab"])):
+            raise ValueError(f"{split} token ids outside the vocabulary of {len(payload['vocab'])}")
 
 
 def _writable_dir(path: Path) -> bool:

@@ -281,6 +281,7 @@ def _resume(path: Path, config: RunConfig, corpus: Corpus, model: AWDLSTM, optim
     if missing or not isinstance(saved["config"], dict):
         raise CheckpointError(f"{path}: not a last.pt of this harness (no {', '.join(missing) or 'config'}); "
                               f"{_START_OVER}")
+    _check_layout(path, saved, config.train.epochs)
     before, after = _flat(saved["config"]), config.flat()
     keys = [*after, *(k for k in before if k not in after)]  # the config's own order, then retired keys
     changed = [k for k in keys if before.get(k) != after.get(k) and k not in EVALUATION_ONLY]
@@ -304,6 +305,28 @@ def _resume(path: Path, config: RunConfig, corpus: Corpus, model: AWDLSTM, optim
     except (RuntimeError, ValueError, TypeError, KeyError) as err:  # other sizes, another vocabulary, old layout
         raise CheckpointError(f"{path}: does not fit this model ({_first_line(err)}); {_START_OVER}") from None
     return saved["epoch"], epochs, saved["best"]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_layout(path: Path, saved: dict, epochs: int) -> None:
+    """CheckpointError unless last.pt's bookkeeping has the types and ranges this harness writes: as strict as a
+    study file, since resuming trusts every value (an `epoch: "1"` would crash the loop or skip epochs)."""
+    best, done = saved["best"], saved["epoch"]
+    problems = [
+        (not _is_int(done) or not 0 <= done <= epochs, f"epoch = {done!r} (a whole number in [0, {epochs}])"),
+        (not isinstance(saved["epochs"], list) or not all(isinstance(e, dict) for e in saved["epochs"])
+         or _is_int(done) and len(saved["epochs"]) != done, "epochs (one record per epoch done)"),
+        (not isinstance(best, dict) or not _is_int(best.get("epoch")) or not isinstance(best.get("val_loss"), float),
+         f"best = {best!r} (epoch and val_loss)"),
+        (not isinstance(saved["optimizer"], dict), "optimizer (a state dict)"),
+        (not isinstance(saved.get("corpus_md5", {}), dict), "corpus_md5 (split -> MD5)"),
+    ]
+    for bad, what in problems:
+        if bad:
+            raise CheckpointError(f"{path}: damaged or foreign: {what[:200]}; {_START_OVER}")
 
 
 def clear_checkpoints(folder: Path) -> list[Path]:

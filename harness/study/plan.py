@@ -390,30 +390,50 @@ def read_epoch_times(values: list) -> EpochTimes:
         seconds.update(given)
         sources.append(", ".join(f"{v} {s:g} s" for v, s in given.items()) + f" measured on {device} ({path})")
     for name, value in seconds.items():
-        if not (value > 0 and math.isfinite(value)):
-            raise UserError(f"--seconds-per-epoch {name}={value:g}: must be a positive number of seconds")
+        _check_seconds(value, f"--seconds-per-epoch {name}={value:g}")
     return EpochTimes(seconds, "; ".join(sources), study)
+
+
+MAX_EPOCH_SECONDS = 7 * 24 * 3600.0  # an epoch time beyond a week is a typo or a damaged file, not a measurement
+
+
+def _check_seconds(value, where: str) -> float:
+    """value as seconds per epoch if it is a number in (0, MAX_EPOCH_SECONDS]; else a UserError naming `where`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_EPOCH_SECONDS:
+        raise UserError(f"{where}: {value!r} is not seconds per epoch; give a number in (0, {MAX_EPOCH_SECONDS:g}]")
+    return float(value)
+
+
+def _only_strings(path: Path, data: dict, keys: tuple) -> None:
+    for key in keys:
+        if key in data and not isinstance(data[key], str):
+            raise UserError(f"{path}: {key} = {data[key]!r} should be a string")
 
 
 def _json_epoch_times(path: Path, data) -> tuple:
     """(variant -> seconds, device, study) from one of the two JSON layouts read_epoch_times accepts."""
     if isinstance(data, dict) and isinstance(data.get("seconds_per_epoch"), dict):
         given = data["seconds_per_epoch"]
-        if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in given.values()):
-            raise UserError(f"{path}: seconds_per_epoch should map variant names to numbers, got {given!r}")
-        device = str(data.get("device", "another machine"))
-        return {str(v): float(s) for v, s in given.items()}, device, data.get("study")
+        _only_strings(path, data, ("device", "study"))
+        device = data.get("device", "another machine")
+        return ({v: _check_seconds(s, f"{path}: seconds_per_epoch.{v}") for v, s in given.items()}, device,
+                data.get("study"))
     if isinstance(data, dict) and isinstance(data.get("rows"), list):  # gpu-check.json (harness.gpu_check)
         if data.get("rehearsal"):
             raise UserError(f"{path} is a rehearsal on toy sizes: its epoch time means nothing; run make gpu-check "
                             "on a GPU")
         epochs = [row["numbers"]["epoch_seconds"] for row in data["rows"]
-                  if isinstance(row, dict) and "epoch_seconds" in (row.get("numbers") or {})]
+                  if isinstance(row, dict) and isinstance(row.get("numbers"), dict)
+                  and "epoch_seconds" in row["numbers"]]
         if len(epochs) != 1:
             raise UserError(f"{path}: expected one row with an epoch time (part 3 of the GPU check), found "
                             f"{len(epochs)}")
-        device = (data.get("environment") or {}).get("device") or "a GPU"
-        return {"awd": float(epochs[0])}, device, "paper-ptb"
+        environment = data.get("environment") or {}
+        if not isinstance(environment, dict):
+            raise UserError(f"{path}: environment = {environment!r} should be an object")
+        _only_strings(path, environment, ("device",))
+        seconds = {"awd": _check_seconds(epochs[0], f"{path}: epoch_seconds")}
+        return seconds, environment.get("device") or "a GPU", "paper-ptb"
     raise UserError(f'{path}: expected {{"seconds_per_epoch": {{"VARIANT": SECONDS}}}} or a gpu-check.json')
 
 

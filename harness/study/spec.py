@@ -21,6 +21,7 @@ from harness.config import (
 )
 from harness.data import changed_splits
 from harness.errors import UserError
+from harness.paths import check_path
 
 METRICS = ("val_ppl",)
 SAMPLERS = ("tpe", "qmc")
@@ -452,7 +453,7 @@ def _parse_search(table, source) -> SearchConfig:
 
 def load_study(path) -> StudyConfig:
     """Read and validate a study file."""
-    path = Path(path)
+    path = check_path(path, f"the study file {path}")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -16,6 +16,7 @@ import requests
 import sqlalchemy
 
 from harness.errors import UserError
+from harness.paths import check_path
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"  # the Optuna storage of `ablate`, `report` and `make dashboard`
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the MLflow store of `ablate`, `report` and `make ui`
@@ -97,7 +98,7 @@ def sqlite_path(url: str, flag: str) -> Path | None:
             or "vfs=memdb" in path):
         raise UserError(f"{flag} {redact(url)}: an in-memory database vanishes when the command ends, and every "
                         f"result with it; use a file, e.g. {example}")
-    return Path(path.split("?", 1)[0])
+    return check_path(path.split("?", 1)[0], f"{flag} {redact(url)}")
 
 
 # Tables only Optuna's storage has, and tables only MLflow's tracking store has: a file holding the other's is
