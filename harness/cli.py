@@ -64,6 +64,17 @@ def _output_dir(value, flag: str) -> Path:
     return path
 
 
+def _report_folder(value, study: str, flag: str) -> None:
+    """UserError unless the report of `study` can be written under the folder `value`: its study folder a folder (or
+    one that can be made) and none of the files the report writes there a folder."""
+    from harness.report import REPORT_FILES
+
+    folder = _output_dir(Path(value) / study, flag)
+    for name in REPORT_FILES:
+        if (folder / name).is_dir():
+            raise UserError(f"{flag} {value}: {folder / name} is a folder, where the report writes a file; move it")
+
+
 def _whole(low: int, high: int | None = None):
     """An argparse type: a whole number in [low, high]."""
     def parse(text: str) -> int:
@@ -123,6 +134,7 @@ def _coordinate(args, study) -> bool:
     from harness.study.scheduler import discover_slots
 
     _output_dir(args.runs_dir, "--runs-dir")
+    _output_dir(Path(args.runs_dir) / study.name, "--runs-dir")  # its study folder, which the trials write into
     slots = discover_slots(args.devices, args.trials_per_device)
 
     def stop(signum, frame):
@@ -149,7 +161,7 @@ def cmd_ablate(args) -> int:
     from harness.study.tracking import ui_command
 
     study = load_study(args.study)
-    _output_dir(args.reports_dir, "--reports-dir")
+    _report_folder(args.reports_dir, study.name, "--reports-dir")  # before the study, not after hours of it
     if not _coordinate(args, study):
         return 130
     report = build_report(study, args.tracking_uri, args.storage, Path(args.reports_dir))
@@ -199,7 +211,7 @@ def cmd_report(args) -> int:
     from harness.study.stores import check_tracking
 
     study = load_study(args.study)
-    _output_dir(args.out, "--out")
+    _report_folder(args.out, study.name, "--out")
     check_tracking(args.tracking_uri)
     check_storage(args.storage)
     report = build_report(study, args.tracking_uri, args.storage, Path(args.out))

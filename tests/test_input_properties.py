@@ -4,8 +4,10 @@ meet the promise: exit 2, one line, no traceback, nothing changed in the stores.
 example and the members found beyond it as plain tests. test_bad_input.py holds the hand-written classes before these.
 """
 
+import errno
 import hashlib
 import math
+import os
 import signal
 from pathlib import Path
 
@@ -247,3 +249,108 @@ def test_plan_on_a_recipe_that_diverges_is_one_line(tmp_path, test_corpus, capsy
     path = study_file(tmp_path, test_corpus, STUDY.format(layers=2).replace("threads = 1\n", "threads = 1\nlr = 1e4\n"))
     message = refused(capsys, "plan", path, "--devices", "cpu", "--trials-per-device", "1")
     assert "calibrating the study on cpu: validation perplexity became inf" in message
+
+
+# --- 8. late failures ---------------------------------------------------------------------------------
+# Class: anything that would fail after the study ran, or queue for months, when it can be checked before the first
+# trial. Mechanism: the output folders a study writes into (<reports>/<study>/ and its files, <runs>/<study>/) go
+# through cli._output_dir with the rest before anything runs; a budget beyond MAX_TRIALS runs per arm is refused
+# with the way to price it (plan), and ablate's first line carries plan's estimate.
+@pytest.mark.parametrize("argv, plant, expected", [
+    (["ablate", "{study}", "--devices", "cpu"], "reports/props", "reports/props is a file, not a folder"),
+    (["ablate", "{study}", "--devices", "cpu"], "reports/props/index.html/", "index.html is a folder, where the "
+                                                                              "report writes a file"),
+    (["ablate", "{study}", "--devices", "cpu"], "runs/props", "runs/props is a file, not a folder"),
+    (["report", "{study}"], "reports/props/results.csv/", "results.csv is a folder"),
+])
+def test_output_folders_a_study_writes_into_are_checked_before_it_starts(tmp_path, test_corpus, capsys, argv, plant,
+                                                                         expected):
+    study = study_file(tmp_path, test_corpus)
+    where = tmp_path / plant
+    where.parent.mkdir(parents=True, exist_ok=True)
+    where.mkdir() if plant.endswith("/") else where.write_text("the user's\n")
+    assert expected in refused_unchanged(capsys, tmp_path, *[a.format(study=study) for a in argv])
+    assert not (tmp_path / "optuna.db").exists()
+
+
+@EXAMPLES
+@given(trials=st.integers(min_value=10_001, max_value=2**31 - 1), key=st.sampled_from(["trials", "confirm_seeds"]))
+def test_a_budget_that_would_queue_for_months_is_refused(tmp_path, test_corpus, capsys, trials, key):
+    value = trials if key == "trials" else f"[{', '.join(map(str, range(10_001)))}]"
+    text = STUDY.format(layers=2).replace("trials = 2\n", f"trials = {trials}\n" if key == "trials" else "").replace(
+        "confirm_seeds = []\n", f"confirm_seeds = {value}\n" if key == "confirm_seeds" else "confirm_seeds = []\n")
+    path = study_file(tmp_path, test_corpus, text)
+    assert "a typo, not a plan" in refused_unchanged(capsys, tmp_path, "ablate", path, "--devices", "cpu")
+
+
+# --- 11. paths the OS refuses -------------------------------------------------------------------------
+# Class: a path the OS would refuse (a name over 255 bytes, a path over 4096, a symlink loop, ...), on every surface.
+# Mechanism: harness.paths.check_path on every path a user gives (cli's output folders, stores.sqlite_path for both
+# store URLs, data's corpus folder for study.corpus and --data-dir, spec for the study file), and main() words any
+# OSError of that errno family that still gets through in one line.
+PATH_SURFACES = {
+    "train --out": ["train", "{study}", "--variant", "locked_only", "--out", "{path}"],
+    "ablate --runs-dir": ["ablate", "{study}", "--devices", "cpu", "--runs-dir", "{path}"],
+    "ablate --reports-dir": ["ablate", "{study}", "--devices", "cpu", "--reports-dir", "{path}"],
+    "report --out": ["report", "{study}", "--out", "{path}"],
+    "masks --out": ["masks", "--out", "{path}"],
+    "data fetch --data-dir": ["data", "fetch", "ptb", "--data-dir", "{path}", "--url", "http://127.0.0.1:1"],
+    "--storage": ["ablate", "{study}", "--devices", "cpu", "--storage", "sqlite:///{path}"],
+    "--tracking-uri": ["ablate", "{study}", "--devices", "cpu", "--tracking-uri", "sqlite:///{path}"],
+    "study.corpus": ["plan", "{corpus_study}"],
+    "the study file": ["plan", "{path}"],
+}
+
+
+def path_argv(tmp_path, test_corpus, surface: str, path: str) -> list:
+    study = study_file(tmp_path, test_corpus)
+    corpus_study = tmp_path / "corpus.toml"
+    corpus_study.write_text(with_corpus(STUDY.format(layers=2), path), encoding="utf-8")
+    return [a.format(study=study, path=path, corpus_study=corpus_study) for a in PATH_SURFACES[surface]]
+
+
+@pytest.mark.parametrize("surface", PATH_SURFACES)
+def test_a_name_over_255_bytes_is_one_line_on_every_surface(tmp_path, test_corpus, capsys, surface):
+    argv = path_argv(tmp_path, test_corpus, surface, str(tmp_path / ("a" * 300)))
+    assert "over the 255 a file system accepts" in refused_unchanged(capsys, tmp_path, *argv)
+
+
+@pytest.mark.parametrize("surface", PATH_SURFACES)
+def test_a_symlink_loop_is_one_line_on_every_surface(tmp_path, test_corpus, capsys, surface):
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    argv = path_argv(tmp_path, test_corpus, surface, str(tmp_path / "loop1" / "x"))
+    assert "ELOOP" in refused_unchanged(capsys, tmp_path, *argv)
+
+
+@EXAMPLES
+@given(surface=st.sampled_from(sorted(PATH_SURFACES)),
+       name=st.tuples(st.text(alphabet=st.sampled_from("aZ9_-.é漢 "), max_size=120), st.integers(0, 200)).map(
+           lambda p: p[0] + "x" * max(1, 256 - len(p[0].encode()) + p[1])),  # at least 256 bytes
+       depth=st.integers(min_value=0, max_value=3))
+def test_generated_names_the_os_refuses_are_one_line(tmp_path, test_corpus, capsys, surface, name, depth):
+    path = tmp_path.joinpath(*["sub"] * depth, name)
+    message = refused_unchanged(capsys, tmp_path, *path_argv(tmp_path, test_corpus, surface, str(path)))
+    assert "bytes, over the" in message
+
+
+def test_an_os_refusal_no_check_named_first_is_still_one_line(tmp_path, test_corpus, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "somewhere"))
+
+    monkeypatch.setattr("harness.cli.cmd_plan", refuse)
+    monkeypatch.setattr("harness.cli.build_parser", _parser_with(refuse))
+    assert "Read-only file system (EROFS)" in refused(capsys, "plan", study_file(tmp_path, test_corpus))
+
+
+def _parser_with(func):
+    from harness.cli import build_parser
+
+    def build():
+        parser = build_parser()
+        parser.set_defaults(func=func)
+        for action in parser._subparsers._group_actions:  # argparse's subparsers: set each command's func
+            for sub in action.choices.values():
+                sub.set_defaults(func=func)
+        return parser
+    return build

@@ -14,6 +14,9 @@ from harness.report.page import render_html
 from harness.report.summary import comparisons_frame, conclusions, results_frame, summarize
 
 
+REPORT_FILES = ("index.html", "results.csv", "comparisons.csv")  # what a report writes into <out>/<study>/
+
+
 @dataclass(frozen=True)
 class Report:
     """Where a built report is, and its conclusions in words."""

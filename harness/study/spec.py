@@ -24,6 +24,7 @@ from harness.errors import UserError
 from harness.paths import check_path
 
 METRICS = ("val_ppl",)
+MAX_TRIALS = 10_000  # per arm and phase: beyond it a budget queues for months and Optuna's sampler slows per trial
 SAMPLERS = ("tpe", "qmc")
 PRUNERS = ("median", "hyperband", "none")
 # Every name that becomes a path, an MLflow filter string or HTML (study, variant) matches this.
@@ -128,6 +129,10 @@ class BudgetConfig:
         check_positive(self, "trials")
         check_choice("pruner", self.pruner, PRUNERS)
         check_non_negative(self, "epochs", "warmup_epochs", "pruner_startup_trials", "max_retries")
+        for name, runs in (("trials", self.trials), ("confirm_seeds", len(self.confirm_seeds))):
+            if runs > MAX_TRIALS:
+                raise ValueError(f"{name} asks for {runs} runs per arm, more than {MAX_TRIALS}: a typo, not a plan; "
+                                 "price a large budget first with `python -m harness plan`")
         if len(set(self.confirm_seeds)) != len(self.confirm_seeds):
             raise ValueError(f"confirm_seeds = {list(self.confirm_seeds)!r} repeats a seed")
 
