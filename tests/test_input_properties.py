@@ -6,18 +6,22 @@ example and the members found beyond it as plain tests. test_bad_input.py holds 
 
 import errno
 import hashlib
+import json
 import math
 import os
 import signal
 from pathlib import Path
 
 import pytest
+import torch
 from optuna.storages import InMemoryStorage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import child_runs, open_coordinator, tiny_config, tiny_corpus, tiny_study, with_corpus
 from harness.cli import main
+from harness.data import load_corpus
+from harness.errors import UserError
 from harness.study.ledger.writer import Ledger
 from harness.study.rules import CONFIRM, SEARCH, RunState, search_space
 from harness.study.scheduler import Outcome, Slot
@@ -27,7 +31,7 @@ from harness.train import RunResult, TrainingDiverged, measured, train_model
 pytestmark = pytest.mark.fast
 
 # Each generated example runs main() in-process; a few dozen per class keep the fast tier fast.
-EXAMPLES = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+EXAMPLES = settings(max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", 25)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 STUDY = """
 [study]
@@ -354,3 +358,171 @@ def _parser_with(func):
                 sub.set_defaults(func=func)
         return parser
     return build
+
+
+# --- 12. files the harness reads that someone else wrote ----------------------------------------------
+# Class: a JSON, checkpoint or cache file whose values have the wrong types or ranges. Mechanism: each reader checks
+# every value it uses, as strictly as a study file: plan._check_seconds (and the JSON layouts' types), train's
+# _check_layout of last.pt, data's _check_payload of the token cache (a bad cache is rebuilt, never served).
+JSON_VALUES = st.one_of(st.text(max_size=5), st.booleans(), st.none(), st.lists(st.integers(), max_size=2),
+                        st.floats(allow_nan=True, allow_infinity=True).filter(lambda v: not 0 < v <= 7 * 24 * 3600),
+                        st.integers(min_value=7 * 24 * 3600 + 1, max_value=10**400), st.integers(max_value=0))
+
+
+@EXAMPLES
+@given(value=JSON_VALUES, layout=st.sampled_from(["seconds_per_epoch", "gpu-check", "device"]))
+def test_generated_epoch_time_files_with_wrong_values_are_one_line(tmp_path, test_corpus, capsys, value, layout):
+    data = {"seconds_per_epoch": {"seconds_per_epoch": {"locked_only": value}},
+            "gpu-check": {"rows": [{"numbers": {"epoch_seconds": value}}]},
+            "device": {"seconds_per_epoch": {"locked_only": 60.0}, "device": value}}[layout]
+    if layout == "device" and isinstance(value, str):
+        value = [value]  # a string is a device's name: make it a list
+        data["device"] = value
+    given_file = tmp_path / "times.json"
+    given_file.write_text(json.dumps(data), encoding="utf-8")
+    message = refused_unchanged(capsys, tmp_path, "plan", study_file(tmp_path, test_corpus), "--devices", "cpu",
+                                "--seconds-per-epoch", given_file)
+    assert str(given_file) in message
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"seconds_per_epoch": {"awd": 1e400}}', "is not seconds per epoch"),  # json reads it as inf
+    ('{"seconds_per_epoch": {"awd": 1e12}}', "is not seconds per epoch"),  # the issue's "huge numbers"
+    ('{"seconds_per_epoch": {"awd": "63.5"}}', "is not seconds per epoch"),  # the issue's "wrong types"
+    ('{"rows": [{"numbers": {"epoch_seconds": "abc"}}]}', "is not seconds per epoch"),
+    ('{"rows": [{"numbers": ["epoch_seconds"]}]}', "expected one row with an epoch time"),
+    ('{"rows": [{"numbers": {"epoch_seconds": 60}}], "environment": "gpu"}', "environment = 'gpu' should be"),
+])
+def test_epoch_time_files_examples(tmp_path, test_corpus, capsys, text, expected):
+    (tmp_path / "times.json").write_text(text, encoding="utf-8")
+    message = refused_unchanged(capsys, tmp_path, "plan", study_file(tmp_path, test_corpus), "--devices", "cpu",
+                                "--seconds-per-epoch", tmp_path / "times.json")
+    assert expected in message
+
+
+@pytest.fixture(scope="module")
+def last_checkpoint(tmp_path_factory):
+    """A real last.pt of a one-epoch tiny run (of two), and the run's config and corpus."""
+    folder = tmp_path_factory.mktemp("checkpoint")
+    config, corpus = tiny_config(epochs=1), tiny_corpus()
+    train_model(config, corpus, checkpoint_dir=folder, progress=False, evaluate_test=False)
+    return torch.load(folder / "last.pt", weights_only=True), tiny_config(epochs=2), corpus
+
+
+CHECKPOINT_VALUES = st.one_of(st.text(max_size=3), st.booleans(), st.none(), st.floats(), st.integers(-5, 10**20),
+                              st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(),
+                                                                                    max_size=2))
+
+
+@EXAMPLES
+@given(key=st.sampled_from(["epoch", "epochs", "best", "best.epoch", "best.val_loss", "optimizer", "corpus_md5"]),
+       value=CHECKPOINT_VALUES)
+def test_generated_checkpoint_values_of_the_wrong_type_are_refused(tmp_path, last_checkpoint, key, value):
+    saved, config, corpus = last_checkpoint
+    damaged = {**saved, "best": dict(saved["best"])}
+    section, _, name = key.partition(".")
+    if name:
+        damaged[section][name] = value
+    else:
+        damaged[key] = value
+    # A value of the right type and range is no damage: only check the ones the harness never writes.
+    right = {"epoch": lambda v: v == 1 and type(v) is int, "best.epoch": lambda v: type(v) is int and v >= 0,
+             "best.val_loss": lambda v: type(v) is float, "corpus_md5": lambda v: isinstance(v, dict)}
+    if right.get(key, lambda v: False)(value):
+        return
+    folder = tmp_path / f"run-{abs(hash((key, repr(value))))}"
+    folder.mkdir()
+    torch.save(damaged, folder / "last.pt")
+    torch.save({"model": saved["model"]}, folder / "best.pt")
+    with pytest.raises(UserError, match="last.pt"):
+        train_model(config, corpus, checkpoint_dir=folder, progress=False, evaluate_test=False)
+
+
+def test_a_checkpoint_whose_epoch_is_a_string_is_refused(tmp_path, last_checkpoint):
+    saved, config, corpus = last_checkpoint
+    torch.save({**saved, "epoch": "1"}, tmp_path / "last.pt")  # the issue's example
+    torch.save({"model": saved["model"]}, tmp_path / "best.pt")
+    with pytest.raises(UserError, match=r"damaged or foreign: epoch = '1'"):
+        train_model(config, corpus, checkpoint_dir=tmp_path, progress=False, evaluate_test=False)
+
+
+@pytest.mark.parametrize("bad_id", [-1, "vocab", 10**6])
+def test_a_token_cache_with_ids_outside_the_vocabulary_is_rebuilt(tmp_path, bad_id):
+    from helpers import write_corpus
+
+    folder = write_corpus(tmp_path / "toy")
+    first = load_corpus(str(folder), log=lambda *a: None)
+    (cache,) = (folder / ".cache").glob("*.pt")
+    payload = torch.load(cache, weights_only=True)
+    payload["train"][0] = len(first.vocab) if bad_id == "vocab" else bad_id
+    torch.save(payload, cache)
+    said = []
+    again = load_corpus(str(folder), log=said.append)
+    assert any("ignoring unreadable cache" in line and "outside the vocabulary" in line for line in said), said
+    assert torch.equal(again.train, first.train)
+
+
+# --- every key of the study file and --set, any value -------------------------------------------------
+# The promise over the whole surface: whatever value a key gets, the study loads or is refused in one line.
+STUDY_KEYS = [f"{section}.{key}" for section, keys in {
+    "fixed.model": ("emb_size", "hidden_size", "n_layers", "tie_weights", "cell"),
+    "fixed.dropout": ("embedding", "input", "hidden", "output", "weight", "hidden_mode"),
+    "fixed.train": ("epochs", "batch_size", "bptt", "lr", "clip", "nonmono", "seed", "optimizer", "train_tokens"),
+    "budget": ("trials", "epochs", "pruner", "warmup_epochs", "confirm_seeds", "max_retries"),
+    "search": ("weight", "hidden", "lr", "sampler", "seed"),
+    "study": ("name", "corpus", "metric"),
+}.items() for key in keys]
+TOML_VALUES = st.one_of(
+    st.integers(min_value=-2**70, max_value=2**70).map(str), st.booleans().map(lambda b: str(b).lower()),
+    st.floats(allow_nan=True, allow_infinity=True).map(lambda v: repr(v).replace("inf", "inf").replace("nan", "nan")),
+    st.text(alphabet=st.characters(codec="utf-8", exclude_characters='"\\\n\r'), max_size=300).map(json.dumps),
+    st.lists(st.floats(min_value=-2.0, max_value=2.0), max_size=3).map(lambda v: "[" + ", ".join(map(repr, v)) + "]"),
+    st.lists(st.integers(min_value=-2**40, max_value=2**40), max_size=3).map(str))
+
+
+def toml_with(text: str, key: str, value: str) -> str:
+    """The study text with `key` (section.name) set to the TOML `value`, replacing its line or adding one."""
+    section, name = key.rsplit(".", 1)
+    lines, out, inside, done = text.splitlines(), [], False, False
+    for line in lines:
+        if line.startswith("["):
+            if inside and not done:
+                out.append(f"{name} = {value}")
+                done = True
+            inside = line == f"[{section}]"
+        if inside and line.split(" = ")[0] == name:
+            line, done = f"{name} = {value}", True
+        out.append(line)
+    if not done:
+        out += ([] if inside else [f"[{section}]"]) + [f"{name} = {value}"]
+    return "\n".join(out) + "\n"
+
+
+@EXAMPLES
+@given(key=st.sampled_from(STUDY_KEYS), value=TOML_VALUES)
+def test_any_value_of_any_study_key_loads_or_is_one_line(tmp_path, test_corpus, capsys, key, value):
+    path = tmp_path / "props.toml"
+    path.write_text(toml_with(with_corpus(STUDY.format(layers=2), test_corpus), key, value), encoding="utf-8")
+    try:
+        study = load_study(path)
+        for arm in study.variants:
+            study.run_config(arm)
+    except UserError as err:
+        assert "\n" not in str(err) and str(path) in str(err)
+        before = snapshot(tmp_path)
+        refused(capsys, "ablate", path, "--devices", "cpu")
+        assert snapshot(tmp_path) == before
+
+
+@EXAMPLES
+@given(key=st.sampled_from([k.split(".", 1)[1] for k in STUDY_KEYS if k.startswith("fixed.")]), value=TOML_VALUES)
+def test_any_set_value_trains_or_is_one_line(tmp_path, test_corpus, capsys, key, value):
+    from harness.config import parse_overrides
+
+    study = load_study(study_file(tmp_path, test_corpus))
+    try:
+        study.run_config("locked_only", parse_overrides([f"{key}={value}"]))
+    except UserError as err:
+        assert "\n" not in str(err)
+        refused_unchanged(capsys, tmp_path, "train", tmp_path / "props.toml", "--variant", "locked_only", "--set",
+                          f"{key}={value}")
