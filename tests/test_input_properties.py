@@ -30,8 +30,10 @@ from harness.train import RunResult, TrainingDiverged, measured, train_model
 
 pytestmark = pytest.mark.fast
 
-# Each generated example runs main() in-process; a few dozen per class keep the fast tier fast.
-EXAMPLES = settings(max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", 25)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Each generated example runs main() in-process; a few dozen per class keep the fast tier fast (HYPOTHESIS_EXAMPLES=300
+# for a deeper search).
+EXAMPLES = settings(max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", 25)), deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 STUDY = """
 [study]

@@ -138,7 +138,7 @@ def test_a_non_finite_validation_loss_stops_the_run(monkeypatch):
     Recorder(monkeypatch, [4.0, math.nan], test_batch_size=3)
     with pytest.raises(train.TrainingDiverged) as error:
         train_model(config(epochs=3, test_batch_size=3), tiny_corpus(n_train=200), progress=False)
-    assert str(error.value) == "validation loss became nan at epoch 2: lower train.lr"
+    assert str(error.value) == "validation perplexity became nan (loss nan nats per token) at epoch 2: lower train.lr"
 
 
 def test_weight_decay_and_learning_rate_in_both_optimizers():
