@@ -1,5 +1,5 @@
-"""The report page: a StudyResult rendered through templates/report.html.j2 (Jinja2, autoescaped), figures
-embedded as PNG data URIs, so the page is one self-contained file with no script and no external link.
+"""The report page: a study's harness.results rendered through templates/report.html.j2 (Jinja2, autoescaped),
+figures embedded as PNG data URIs, so the page is one self-contained file with no script and no external link.
 """
 
 import datetime
@@ -11,9 +11,11 @@ import jinja2
 import numpy as np
 
 from harness import stats
+from harness.study import adequacy
 from harness.masks import mask_figures, png_data_uri
 from harness.report import plots
-from harness.report.summary import NO_DROPOUT, StudyResult, conclusions, rerun_commands
+from harness.report.answer_keys import METRICS
+from harness.report.summary import NO_DROPOUT, StudyResult, rerun_commands
 from harness.study.rules import CONFIRM, RunState
 from harness.study.stores import redact
 
@@ -60,6 +62,7 @@ def _headline(result: StudyResult) -> list:
             "device_hours": f"{r.device_hours:.3f}",
             "best_epoch": (f"{np.median(r.best_epochs):g} of {r.epochs}" + ("" if r.converged else " ⚠"))
                           if r.best_epochs else "—",
+            "search": [f"⚠ {f.text} (fix: {f.fix})" for f in r.flags],
         })
     return rows
 
@@ -81,6 +84,10 @@ def _headline_notes(result: StudyResult) -> list:
         "Best epoch: the median over the confirmation seeds of the epoch with the lowest validation perplexity; ⚠ "
         "marks a variant with a seed whose best epoch fell in the last quarter of its epochs (it may not have "
         "converged).",
+        "Search: ⚠ marks why a search may not have found its arm's best: a best value within "
+        f"{adequacy.EDGE_MARGIN:.0%} of its range's edge, an expected best still falling at the last trial (by more "
+        "than the seeds' sd of validation perplexity), or a searched parameter that changed nothing; each verdict "
+        "touching such an arm says so in the conclusions.",
         "Trials run, pruned and failed count the search; failed includes attempts that were retried, and interrupted "
         "ones (Ctrl-C, a stopped machine), which use no attempt. Device-hours add up the logged seconds of every run.",
     ]
@@ -89,9 +96,15 @@ def _headline_notes(result: StudyResult) -> list:
     return notes
 
 
-def _section(title: str, fig, caption: str, missing: str, importances=None) -> dict:
-    return {"title": title, "image": png_data_uri(fig) if fig is not None else None, "caption": caption,
-            "missing": missing, "importances": importances}
+def _section(title: str, draw, caption: str, missing: str, importances=None) -> dict:
+    """One figure of the page: draw() returns a Figure, or None when there is nothing to draw yet (then `missing`
+    says so); a figure that cannot be drawn from this study's numbers is said in words instead."""
+    try:
+        fig = draw()
+        image = png_data_uri(fig) if fig is not None else None
+    except Exception as err:  # noqa: BLE001  degenerate numbers must not cost the rest of the report
+        image, missing = None, f"This figure could not be drawn from these results ({type(err).__name__}: {err})."
+    return {"title": title, "image": image, "caption": caption, "missing": missing, "importances": importances}
 
 
 def _plots(result: StudyResult) -> list:
@@ -99,30 +112,45 @@ def _plots(result: StudyResult) -> list:
     importances = [(r.name, result.log.importances.get(r.name) or "no search study in the Optuna storage.")
                    for r in result.rows]
     return [
-        _section("Test perplexity over seeds", plots.plot_test_ppl(result, colors),
+        _section("Test perplexity over seeds", lambda: plots.plot_test_ppl(result, colors),
                  "Each dot is one confirmation seed; variants ordered best (lowest) to worst; diamond and bar: the "
                  "mean and its 95% interval.", "No confirmation run has finished yet."),
-        _section("Isolation: best validation perplexity per variant", plots.plot_isolation(result, colors),
+        _section("Isolation: best validation perplexity per variant", lambda: plots.plot_isolation(result, colors),
                  "Each variant's rates were tuned on their own with the same budget; the large marker is the best "
                  "finished search trial (pruned trials are left out: they stopped early).",
                  "No search trial has finished yet."),
-        _section("Learning curves", plots.plot_curves(result, colors),
+        _section("Learning curves", lambda: plots.plot_curves(result, colors),
                  "Train (dashed) and validation (solid) perplexity per epoch of the confirmation runs: median across "
                  "seeds, bands from the lowest to the highest seed. The red band is the gap between them: it widens "
                  "where a variant overfits. Train perplexity is measured with dropout on.",
                  "No confirmation run has finished yet, so there are no curves."),
-        _section("Sensitivity to the searched parameters", plots.plot_sensitivity(result, colors),
+        _section("Sensitivity to the searched parameters", lambda: plots.plot_sensitivity(result, colors),
                  "Best validation perplexity of each finished search trial against each searched parameter, one row "
                  "per variant (ring: the best trial). Triangles along the top mark where pruned trials were: they "
                  "stopped early, so their perplexity is not comparable.",
                  "No search trial with searched parameters has been logged yet.", importances),
         _section("Expected best validation perplexity against the number of trials",
-                 plots.plot_expected_best(result, colors),
+                 lambda: plots.plot_expected_best(result, colors),
                  "Expected lowest validation perplexity of k trials drawn with replacement from the logged ones, ±1 sd "
                  "(Dodge et al. 2019, Show Your Work). Pruned trials count with the best value they reached. The "
                  "search's trials are not independent draws (TPE learns), so read it as a budget curve: where it is "
                  "still falling, more trials would likely have helped.", "No search trial has been logged yet."),
     ]
+
+
+def _answer_key(found) -> dict | None:
+    key = found.summary.answer_key
+    if key is None:
+        return None
+    rows = [{"arm": r.arm, "metric": METRICS[r.metric], "published": f"{r.published:g}", "measured": _num(r.measured),
+             "ci": _interval(r.ci), "seeds": r.seeds, "diff": "—" if r.diff is None else f"{r.diff:+.2f}",
+             "agrees": ("ordering only" if not r.values_compared else "—" if r.measured is None else
+                        "yes" if r.agrees(key.expect.tolerance) else "no")} for r in key.rows]
+    signs = [{"metric": METRICS[s.metric], "pair": f"{s.first} − {s.second}", "published": f"{s.published:+.2f}",
+              "measured": "—" if s.measured is None else f"{s.measured:+.2f}",
+              "holds": "—" if s.holds is None else "yes" if s.holds else "no"} for s in key.signs]
+    return {"source": key.expect.source, "note": key.expect.note, "tolerance": key.expect.tolerance, "rows": rows,
+            "signs": signs, "verdict": key.verdict}
 
 
 def _failures(result: StudyResult) -> list:
@@ -160,8 +188,10 @@ def _configs(result: StudyResult) -> dict:
     return {"variants": list(configs), "rows": [(k, [c.get(k, "") for c in configs.values()]) for k in keys]}
 
 
-def render_html(result: StudyResult, out_dir: Path = Path("reports")) -> str:
-    """The whole report as one HTML page, images embedded; every logged string escaped by the template."""
+def render_html(found, out_dir: Path = Path("reports")) -> str:
+    """The whole report of a harness.results.StudyResults as one HTML page, images embedded; every logged string
+    escaped by the template."""
+    result = found.summary
     log, study = result.log, result.log.study
     rebuild = (f"python -m harness report {shlex.quote(str(study.path))} "
                f"--tracking-uri {shlex.quote(redact(log.tracking_uri))} --storage {shlex.quote(redact(log.storage))}")
@@ -170,7 +200,8 @@ def render_html(result: StudyResult, out_dir: Path = Path("reports")) -> str:
     return _TEMPLATES.get_template("report.html.j2").render(
         study=study, result=result, tracking_uri=redact(log.tracking_uri), storage=redact(log.storage),
         built=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        conclusions=conclusions(result), headline=_headline(result), headline_notes=_headline_notes(result),
+        conclusions=found.conclusions, headline=_headline(result), headline_notes=_headline_notes(result),
+        answer_key=_answer_key(found),
         plots=_plots(result), failures=_failures(result),
         masks=[{"title": m.title, "rule": m.rule, "image": png_data_uri(m.figure)} for m in mask_figures()],
         facts=_facts(result), rebuild=rebuild, reruns=rerun_commands(result), configs=_configs(result),
