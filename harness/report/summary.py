@@ -276,6 +276,8 @@ def conclusions(result: StudyResult) -> list:
                                   f"{need}, if the observed difference is real" + (f"; {limited}." if limited else "."))
     if supported:
         out += supported
+    elif len(result.rows) == 1:
+        out.append(f"The study has one arm, {result.rows[0].name}, so there is nothing to compare it with.")
     else:
         out.append("No difference is supported after Holm's correction.")
     late = []
