@@ -44,8 +44,9 @@ def test_one_search_trial_per_arm(tmp_path):
 
 def test_equal_values_on_every_seed(tmp_path):
     study = tiny_study(tmp_path, "ptb", trials=1, seeds="[1, 2, 3]")
-    page, found = page_of(study, confirmed("weight_only", (100, 100, 100)) + confirmed("locked_only", (100, 100, 100)),
-                          [("weight_only", {W: 0.3, I: 0.3}, 500.0, None), ("locked_only", {I: 0.3}, 500.0, None)])
+    runs = confirmed("weight_only", (100, 100, 100)) + confirmed("locked_only", (100, 100, 100))
+    page, found = page_of(study, runs, [("weight_only", {W: 0.3, I: 0.3}, 500.0, None),
+                                        ("locked_only", {I: 0.3}, 500.0, None)])
     said = "no test: the paired differences are the same on every seed, so there is no seed-to-seed variance"
     assert said in page and any(said in s for s in found.conclusions)
     assert "no seed-to-seed spread observed" in page  # the seeds a decision would take: unknown, and why
@@ -61,17 +62,17 @@ def test_one_seed(tmp_path):
 
 def test_one_arm(tmp_path):
     study = tiny_study(tmp_path, "ptb", trials=2, seeds="[1, 2]", edits=[("[variants.locked_only]\n", "")])
-    page, found = page_of(study, confirmed("weight_only", (100, 101)),
-                          [("weight_only", {W: 0.3, I: 0.3}, 500.0, None), ("weight_only", {W: 0.2, I: 0.3}, 501, None)])
+    trials = [("weight_only", {W: 0.3, I: 0.3}, 500.0, None), ("weight_only", {W: 0.2, I: 0.3}, 501.0, None)]
+    page, found = page_of(study, confirmed("weight_only", (100, 101)), trials)
     assert "The study has one arm, weight_only, so there is nothing to compare it with." in found.conclusions
     assert found.comparisons.empty and "Complete: every variant" in page
 
 
 def test_everything_pruned(tmp_path):
     study = tiny_study(tmp_path, "ptb", trials=2, seeds="[1, 2]")
-    trials = [(arm, params, None, 600.0) for arm, params in (("weight_only", {W: 0.3, I: 0.3}),
-                                                             ("weight_only", {W: 0.2, I: 0.2}), ("locked_only", {I: 0.3}),
-                                                             ("locked_only", {I: 0.2}))]
+    searched = (("weight_only", {W: 0.3, I: 0.3}), ("weight_only", {W: 0.2, I: 0.2}), ("locked_only", {I: 0.3}),
+                ("locked_only", {I: 0.2}))
+    trials = [(arm, params, None, 600.0) for arm, params in searched]
     page, found = page_of(study, [], trials)
     assert "weight_only: no search trial finished, so nothing could be confirmed." in page
     assert "No confirmation run has finished yet." in page and "No search trial has finished yet." in page
@@ -95,8 +96,8 @@ def test_a_figure_that_cannot_be_drawn_is_said_in_words_and_the_rest_is_written(
 
     monkeypatch.setattr(plots, plot, broken)
     study = tiny_study(tmp_path, "ptb", trials=1, seeds="[1, 2]")
-    found = results.from_log(study_log(study, confirmed("weight_only", (100, 101)) + confirmed("locked_only", (103, 105)),
-                                       [("weight_only", {W: 0.3, I: 0.3}, 500.0, None)]))
+    runs = confirmed("weight_only", (100, 101)) + confirmed("locked_only", (103, 105))
+    found = results.from_log(study_log(study, runs, [("weight_only", {W: 0.3, I: 0.3}, 500.0, None)]))
     page = html.unescape(render_html(found))
     assert page.count("This figure could not be drawn from these results (ValueError: Axis limits cannot be NaN or "
                       "Inf).") == 1

@@ -3,6 +3,7 @@ figures embedded as PNG data URIs, so the page is one self-contained file with n
 """
 
 import datetime
+import functools
 import math
 import shlex
 from pathlib import Path
@@ -188,6 +189,11 @@ def _configs(result: StudyResult) -> dict:
     return {"variants": list(configs), "rows": [(k, [c.get(k, "") for c in configs.values()]) for k in keys]}
 
 
+@functools.cache  # the diagrams depend on the dropout modules alone (seeded), not on the study
+def _masks() -> tuple:
+    return tuple({"title": m.title, "rule": m.rule, "image": png_data_uri(m.figure)} for m in mask_figures())
+
+
 def render_html(found, out_dir: Path = Path("reports")) -> str:
     """The whole report of a harness.results.StudyResults as one HTML page, images embedded; every logged string
     escaped by the template."""
@@ -203,6 +209,6 @@ def render_html(found, out_dir: Path = Path("reports")) -> str:
         conclusions=found.conclusions, headline=_headline(result), headline_notes=_headline_notes(result),
         answer_key=_answer_key(found),
         plots=_plots(result), failures=_failures(result),
-        masks=[{"title": m.title, "rule": m.rule, "image": png_data_uri(m.figure)} for m in mask_figures()],
+        masks=_masks(),
         facts=_facts(result), rebuild=rebuild, reruns=rerun_commands(result), configs=_configs(result),
     )
