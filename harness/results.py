@@ -19,7 +19,6 @@ from harness.report.logs import StudyLog, read_logs
 from harness.report.summary import (
     SEARCHABLE, StudyResult, conclusions, search_limited, searchable_params, summarize,
 )
-from harness.study.rules import Tally
 from harness.study.spec import StudyConfig, load_study
 from harness.study.stores import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
 
@@ -55,8 +54,9 @@ HEADLINE = {
     "best_epoch_median": "float64", "best_epoch_max": "Int64", "epochs": "Int64", "converged": "boolean",
     **{f"{k}_to_reference": v for k, v in COMPARISON.items()},
     "search_flags": "string", "search_fixes": "string",  # harness.study.adequacy's flags, "; "-joined ("" if none)
-    "trials_run": "int64", "trials_finished": "int64", "trials_pruned": "int64", "trials_failed": "int64",
-    "trials_retried": "int64", "trials_interrupted": "int64", "device_hours": "float64",
+    # trials_*: the search's tally; <NA> while the arm has no Optuna search study
+    "trials_run": "Int64", "trials_finished": "Int64", "trials_pruned": "Int64", "trials_failed": "Int64",
+    "trials_retried": "Int64", "trials_interrupted": "Int64", "device_hours": "float64",
 }
 FLAGS = {"arm": "string", "kind": "string", "param": "string", "text": "string", "fix": "string"}
 ANSWER_KEY = {"arm": "string", "metric": "string", "published": "float64", "measured": "float64", "diff": "float64",
@@ -187,9 +187,9 @@ def headline_frame(result: StudyResult) -> pd.DataFrame:
             "best_epoch_max": max(r.best_epochs) if r.best_epochs else None, "epochs": r.epochs,
             "converged": r.converged, **_comparison_columns(to_reference.get(r.name), "_to_reference"),
             "search_flags": "; ".join(f.text for f in r.flags), "search_fixes": "; ".join(f.fix for f in r.flags),
-            "trials_run": r.trials_run,
-            **{f"trials_{k}": getattr(r.trials or Tally(), k) for k in ("finished", "pruned", "failed", "retried",
-                                                                          "interrupted")},
+            "trials_run": r.trials_run if r.trials else None,
+            **{f"trials_{k}": getattr(r.trials, k) if r.trials else None
+               for k in ("finished", "pruned", "failed", "retried", "interrupted")},
             "device_hours": r.device_hours,
         })
     frame = typed(rows, HEADLINE)

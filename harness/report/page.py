@@ -4,12 +4,11 @@ figures embedded as PNG data URIs, so the page is one self-contained file with n
 
 import datetime
 import functools
-import math
 import shlex
 from pathlib import Path
 
 import jinja2
-import numpy as np
+import pandas as pd
 
 from harness import stats
 from harness.study import adequacy
@@ -17,53 +16,67 @@ from harness.masks import mask_figures, png_data_uri
 from harness.report import plots
 from harness.report.answer_keys import METRICS
 from harness.report.summary import NO_DROPOUT, StudyResult, rerun_commands
-from harness.study.rules import CONFIRM, RunState
+from harness.study.rules import CONFIRM, RunState, search_space
 from harness.study.stores import redact
 
 _TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("harness.report", "templates"),
                                 autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
+def _missing(value) -> bool:
+    return value is None or bool(pd.isna(value))
+
+
 def _num(value, digits: int = 2) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+    return "—" if _missing(value) else f"{value:.{digits}f}"
 
 
 def _p(value) -> str:
-    return "—" if value is None else "< 0.001" if value < 0.001 else f"{value:.3f}"
+    return "—" if _missing(value) else "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
-def _interval(ci: stats.Interval | None, signed: bool = False) -> str:
-    if ci is None:
-        return ""
+def _span(low, high, signed: bool = False) -> str:
     form = "{:+.2f}" if signed else "{:.2f}"
-    return f"{form.format(ci.low)}, {form.format(ci.high)}"
+    return "" if _missing(low) else f"{form.format(low)}, {form.format(high)}"
 
 
-def _headline(result: StudyResult) -> list:
-    seeds = len(result.log.study.budget.confirm_seeds)
-    to_reference = result.against(result.reference)
+def _interval(ci: stats.Interval | None) -> str:
+    return "" if ci is None else _span(ci.low, ci.high)
+
+
+def _headline(found) -> list:
+    """The headline table's cells, from the results' headline frame (the numbers of results.csv)."""
+    study, seeds = found.study, len(found.study.budget.confirm_seeds)
+    flags = found.search_flags.groupby("arm")
+    flagged = {arm: [f"⚠ {f.text} (fix: {f.fix})" for f in mine.itertuples()] for arm, mine in flags}
     rows = []
-    for r in result.rows:
-        c, tally = to_reference.get(r.name), r.trials
+    for r in found.headline.to_dict("records"):
+        name = r["variant"]
+        best = {k.split(".", 2)[2]: v for k, v in r.items() if k.startswith("best.") and not _missing(v)}
+        failed, retried, interrupted = r["trials_failed"], r["trials_retried"], r["trials_interrupted"]
+        no_search = _missing(r["trials_run"])  # no Optuna search study yet
         rows.append({
-            "name": r.name, "description": r.description, "is_reference": r.name == result.reference,
-            "search_best_val_ppl": _num(r.search_best_val_ppl), "mean": _num(r.mean),
-            "sd": _num(r.sd) if r.sd is not None else "", "ci": _interval(r.ci),
-            "seeds": f"{len(r.test_ppl)} of {seeds}",
-            "diff": "—" if c is None or c.diff is None else f"{c.diff:+.2f}",
-            "diff_ci": _interval(c.ci, signed=True) if c else "", "p": _p(c.p) if c and c.p is not None else "",
-            "test": c.test if c else "", "note": c.note if c else "", "p_holm": _p(c.p_holm) if c else "",
-            "supported": ("yes" if c.supported else "no") if c and c.p_holm is not None else "—",
-            "rates": (", ".join(f"{k.split('.', 1)[1]} {v:.3g}" for k, v in r.best_params.items()) if r.best_params
-                      else "—" if r.searched else "nothing searched"),
-            "trials_run": r.trials_run if tally else "—", "trials_pruned": tally.pruned if tally else "—",
-            "trials_failed": (f"{tally.failed + tally.retried}"
-                              + (f" ({tally.retried} retried)" if tally.retried else "")
-                              + (f", {tally.interrupted} interrupted" if tally.interrupted else "")) if tally else "—",
-            "device_hours": f"{r.device_hours:.3f}",
-            "best_epoch": (f"{np.median(r.best_epochs):g} of {r.epochs}" + ("" if r.converged else " ⚠"))
-                          if r.best_epochs else "—",
-            "search": [f"⚠ {f.text} (fix: {f.fix})" for f in r.flags],
+            "name": name, "description": r["description"], "is_reference": r["reference"],
+            "search_best_val_ppl": _num(r["search_best_val_ppl"]), "mean": _num(r["test_ppl_mean"]),
+            "sd": "" if _missing(r["test_ppl_sd"]) else _num(r["test_ppl_sd"]),
+            "ci": _span(r["test_ppl_ci_low"], r["test_ppl_ci_high"]), "seeds": f"{r['confirm_seeds']} of {seeds}",
+            "diff": "—" if _missing(r["diff_to_reference"]) else f"{r['diff_to_reference']:+.2f}",
+            "diff_ci": _span(r["diff_ci_low_to_reference"], r["diff_ci_high_to_reference"], signed=True),
+            "p": "" if _missing(r["p_to_reference"]) else _p(r["p_to_reference"]),
+            "test": "" if _missing(r["test_to_reference"]) else r["test_to_reference"],
+            "note": "" if _missing(r["note_to_reference"]) else r["note_to_reference"],
+            "p_holm": "" if r["reference"] else _p(r["p_holm_to_reference"]),
+            "supported": "—" if _missing(r["p_holm_to_reference"]) else "yes" if r["supported_to_reference"] else "no",
+            "rates": (", ".join(f"{k} {v:.3g}" for k, v in best.items()) if best
+                      else "—" if search_space(study, name) else "nothing searched"),
+            "trials_run": "—" if no_search else r["trials_run"],
+            "trials_pruned": "—" if no_search else r["trials_pruned"],
+            "trials_failed": "—" if no_search else (f"{failed + retried}" + (f" ({retried} retried)" if retried else "")
+                                                    + (f", {interrupted} interrupted" if interrupted else "")),
+            "device_hours": f"{r['device_hours']:.3f}",
+            "best_epoch": "—" if _missing(r["best_epoch_median"]) else (
+                f"{r['best_epoch_median']:g} of {r['epochs']}" + ("" if r["converged"] else " ⚠")),
+            "search": flagged.get(name, []),
         })
     return rows
 
@@ -206,7 +219,7 @@ def render_html(found, out_dir: Path = Path("reports")) -> str:
     return _TEMPLATES.get_template("report.html.j2").render(
         study=study, result=result, tracking_uri=redact(log.tracking_uri), storage=redact(log.storage),
         built=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        conclusions=found.conclusions, headline=_headline(result), headline_notes=_headline_notes(result),
+        conclusions=found.conclusions, headline=_headline(found), headline_notes=_headline_notes(result),
         answer_key=_answer_key(found),
         plots=_plots(result), failures=_failures(result),
         masks=_masks(),
