@@ -2,7 +2,7 @@
 
     from harness import results
     study = results.load("studies/ablation.toml", storage="sqlite:///optuna.db", tracking_uri="sqlite:///mlflow.db")
-    study.runs, study.curves, study.headline, study.comparisons, study.conclusions, study.missing, study.answer_key
+    study.runs, study.curves, study.trials, study.headline, study.comparisons, study.conclusions, study.answer_key
 
 Reading starts nothing (no process, no server); a study still running gives what has finished and says what is missing.
 """
@@ -58,6 +58,8 @@ HEADLINE = {
     "trials_run": "Int64", "trials_finished": "Int64", "trials_pruned": "Int64", "trials_failed": "Int64",
     "trials_retried": "Int64", "trials_interrupted": "Int64", "device_hours": "float64",
 }
+TRIALS = {"arm": "string", "number": "int64", "state": "string", "value": "float64", "best_seen": "float64",
+          "params": "object"}  # value: NaN when pruned; best_seen: a pruned trial's lowest reported val ppl
 FLAGS = {"arm": "string", "kind": "string", "param": "string", "text": "string", "fix": "string"}
 ANSWER_KEY = {"arm": "string", "metric": "string", "published": "float64", "measured": "float64", "diff": "float64",
               "ci_low": "float64", "ci_high": "float64", "seeds": "int64", "values_compared": "bool",
@@ -83,6 +85,7 @@ class StudyResults:
     summary: StudyResult  # the report's records (rows, comparisons, answer key) the frames are built from
     runs: pd.DataFrame  # RUNS: one row per MLflow run (search trial attempt or confirmation seed)
     curves: pd.DataFrame  # CURVES: one row per run and epoch
+    trials: pd.DataFrame  # TRIALS: one row per finished or pruned Optuna search trial
     headline: pd.DataFrame  # HEADLINE: the report's table (results.csv), one row per arm, best first
     comparisons: pd.DataFrame  # COMPARISONS: every contrast of the report (comparisons.csv), one Holm family
     search_flags: pd.DataFrame  # FLAGS: why an arm's search may not have found its best, with the fix
@@ -90,6 +93,12 @@ class StudyResults:
     answer_signs: pd.DataFrame  # ANSWER_SIGNS: each published difference between two keyed arms, and if it holds
     conclusions: list  # the report's sentences
     missing: list  # what a complete study would have and this one lacks (empty when complete)
+
+    @property
+    def importances(self) -> dict:
+        """arm -> {searched parameter: share of the variance of val ppl} (Optuna's fANOVA, seeded), or a sentence
+        saying why there are none."""
+        return dict(self.summary.log.importances)
 
     @property
     def reference(self) -> str:
@@ -117,8 +126,8 @@ def load(study, storage: str = DEFAULT_STORAGE, tracking_uri: str = DEFAULT_TRAC
 def from_log(log: StudyLog) -> StudyResults:
     """The results of what was read (a pure function: the report's numbers and every frame)."""
     result = summarize(log)
-    return StudyResults(log.study, result, runs_frame(log), curves_frame(log), headline_frame(result),
-                        comparisons_frame(result), flags_frame(result), *answer_frames(result.answer_key),
+    return StudyResults(log.study, result, runs_frame(log), curves_frame(log), trials_frame(log),
+                        headline_frame(result), comparisons_frame(result), flags_frame(result), *answer_frames(result.answer_key),
                         conclusions(result), result.missing)
 
 
@@ -156,6 +165,11 @@ def _number(text) -> float | None:
 def curves_frame(log: StudyLog) -> pd.DataFrame:
     """CURVES, from the per-epoch metrics the report read."""
     return typed(log.curves.rename(columns={"variant": "arm"}).to_dict("records"), CURVES)
+
+
+def trials_frame(log: StudyLog) -> pd.DataFrame:
+    """TRIALS, from the Optuna search trials the report read."""
+    return typed(log.trials.rename(columns={"variant": "arm"}).to_dict("records"), TRIALS)
 
 
 def _comparison_columns(c: stats.Comparison | None, suffix: str = "") -> dict:

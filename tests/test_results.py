@@ -51,6 +51,7 @@ def test_every_frame_has_its_documented_columns_and_dtypes(tmp_path):
     log, found = tiny_results(tmp_path)
     assert_documented(found.runs, results.RUNS, extra=(W, I))
     assert_documented(found.curves, results.CURVES)
+    assert_documented(found.trials, results.TRIALS)
     assert_documented(found.headline, results.HEADLINE, extra=(f"best.{I}", f"best.{W}"))
     assert_documented(found.comparisons, results.COMPARISONS)
     assert_documented(found.search_flags, results.FLAGS)
@@ -79,6 +80,9 @@ def test_the_frames_are_the_reports_numbers(tmp_path):
     d = np.array([105, 106, 107]) - np.array([101, 104, 109])
     assert comparison.diff == pytest.approx(d.mean())
     assert comparison.p == pytest.approx(scipy_stats.ttest_rel([105, 106, 107], [101, 104, 109]).pvalue)
+    trials = found.trials[found.trials.arm == "weight_only"]
+    assert list(trials.state) == ["finished", "pruned", "finished"] and trials.value.isna().tolist() == [0, 1, 0]
+    assert trials.best_seen.tolist() == [111.0, 130.0, 112.0] and trials.params.iloc[1] == {W: 0.45, I: 0.1}
     curves = found.curves[found.curves.run_id == "weight_only-confirm-0-1"]
     assert list(curves.epoch) == [1, 2, 3, 4] and list(curves.averaging) == [False, False, True, True]
 
