@@ -127,8 +127,8 @@ def from_log(log: StudyLog) -> StudyResults:
     """The results of what was read (a pure function: the report's numbers and every frame)."""
     result = summarize(log)
     return StudyResults(log.study, result, runs_frame(log), curves_frame(log), trials_frame(log),
-                        headline_frame(result), comparisons_frame(result), flags_frame(result), *answer_frames(result.answer_key),
-                        conclusions(result), result.missing)
+                        headline_frame(result), comparisons_frame(result), flags_frame(result),
+                        *answer_frames(result.answer_key), conclusions(result), result.missing)
 
 
 def runs_frame(log: StudyLog) -> pd.DataFrame:
