@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -261,3 +262,49 @@ def child_runs(uri, study_name):
     runs = client.search_runs([experiment.experiment_id], "tags.kind = 'run'", max_results=1000)
     parents = client.search_runs([experiment.experiment_id], "tags.kind = 'variant'", max_results=1000)
     return client, runs, parents
+
+
+# --- a study's logs written by hand, for the report's pure parts -------------------------------------------
+def logged_run(variant: str, phase: str = "confirm", seed: int = 1, test_ppl=None, best_val_ppl=100.0, trial=0,
+               state: str = "finished", params=None, **metrics) -> dict:
+    """One MLflow run as harness.report.logs reads it (RUN_COLUMNS), finished unless said otherwise."""
+    from harness.report.logs import RUN_COLUMNS
+
+    run = dict.fromkeys(RUN_COLUMNS, "")
+    run.update(run_id=f"{variant}-{phase}-{trial}-{seed}", name=f"{variant} {phase} #{trial}", variant=variant,
+               phase=phase, trial=trial, seed=seed, attempt=0, state=state, end_time=1000 * (trial + 1) + seed,
+               params={k: str(v) for k, v in (params or {}).items()}, best_val_ppl=best_val_ppl,
+               test_ppl=test_ppl, best_epoch=metrics.pop("best_epoch", 2), epochs=metrics.pop("epochs", 4),
+               seconds=metrics.pop("seconds", 36.0), test_loss=None, averaged_from_epoch=None, **metrics)
+    return run
+
+
+def study_log(study, runs=(), trials=(), importances=None):
+    """A StudyLog of these runs (logged_run dicts) and search trials ((variant, params, value or None when pruned,
+    best_seen) tuples), each trial also logged as a search run; tallies follow the trials, curves are each run's (4
+    epochs, falling to its best_val_ppl)."""
+    from harness.report.logs import CURVE_COLUMNS, RUN_COLUMNS, TRIAL_COLUMNS, StudyLog
+    from harness.study.rules import SEARCH, Tally
+
+    runs = [*runs, *(logged_run(variant, "search", seed=141, trial=number, best_val_ppl=value, params=params,
+                                state="finished" if value is not None else "pruned")
+                     for number, (variant, params, value, _) in enumerate(trials))]
+    frame = pd.DataFrame(list(runs), columns=list(RUN_COLUMNS))
+    for column in ("best_val_ppl", "test_ppl", "test_loss", "averaged_from_epoch", "seconds", "epochs", "best_epoch"):
+        frame[column] = frame[column].astype(float)
+    rows, tallies = [], {}
+    for number, (variant, params, value, seen) in enumerate(trials):
+        rows.append({"variant": variant, "number": number, "state": "finished" if value is not None else "pruned",
+                     "value": value, "best_seen": seen if seen is not None else value, "params": params})
+    table = pd.DataFrame(rows, columns=list(TRIAL_COLUMNS))
+    for variant in study.variants:
+        mine = table[table.variant == variant]
+        if len(mine):
+            tallies[variant] = {SEARCH: Tally.of(mine.state)}
+    curves = pd.DataFrame([{"run_id": r["run_id"], "variant": r["variant"], "phase": r["phase"], "trial": r["trial"],
+                            "seed": r["seed"], "state": r["state"], "epoch": e, "train_loss": 4.0, "train_ppl": 50.0,
+                            "val_loss": 4.6, "val_ppl": r["best_val_ppl"] + 4 - e, "averaging": e > 2}
+                           for r in runs for e in range(1, 5) if r["best_val_ppl"] is not None],
+                          columns=list(CURVE_COLUMNS))
+    return StudyLog(study, "sqlite:///mlflow.db", "sqlite:///optuna.db", frame, curves, table, tallies,
+                    importances if importances is not None else {v: "too few." for v in tallies})

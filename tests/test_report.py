@@ -23,6 +23,7 @@ import pytest
 from mlflow import MlflowClient
 from scipy import stats as scipy_stats
 
+from harness import results
 from harness.cli import build_parser
 from harness.config import parse_overrides
 from harness.study.spec import load_study
@@ -337,7 +338,7 @@ def test_strings_from_the_study_file_and_runs_are_escaped(smoke_run, smoke_study
         tallies={names[k]: v for k, v in log.tallies.items()},
         importances={names[k]: v for k, v in log.importances.items()},
     )
-    page = render_html(summarize(log))
+    page = render_html(results.from_log(log))
     assert "<script" not in page and "<img src=x" not in page
     assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &#34;quotes&#34;" in page
     assert "&lt;img src=x onerror=alert(&#39;locked_only&#39;)&gt;" in page

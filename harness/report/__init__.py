@@ -1,6 +1,6 @@
-"""The comparison report of a study, built only from what MLflow and Optuna hold: `logs` reads them, `summary`
-computes every number (statistics from harness.stats), `plots` draws, `page` renders the Jinja2 template; writes
-<out>/<study>/index.html, results.csv and comparisons.csv, also for a study still running (it says what is missing).
+"""The comparison report of a study, a client of harness.results: `logs` reads MLflow and Optuna, `summary` computes
+every number (statistics from harness.stats), harness.results holds them as frames; `plots` draws, `page` renders the
+Jinja2 template; writes <out>/<study>/index.html, results.csv and comparisons.csv, also while a study runs.
 
     python -m harness report studies/ablation.toml [--tracking-uri URI] [--storage URL] [--out reports]
 """
@@ -9,9 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.study.spec import StudyConfig
-from harness.report.logs import read_logs
-from harness.report.page import render_html
-from harness.report.summary import comparisons_frame, conclusions, results_frame, summarize
 
 
 REPORT_FILES = ("index.html", "results.csv", "comparisons.csv")  # what a report writes into <out>/<study>/
@@ -29,11 +26,17 @@ class Report:
 
 def build_report(study: StudyConfig, tracking_uri: str, storage: str, out_dir: Path = Path("reports")) -> Report:
     """Write <out_dir>/<study>/index.html, results.csv and comparisons.csv from what was logged."""
-    result = summarize(read_logs(study, tracking_uri, storage))
+    # Imported here: harness.results imports this package's modules, and `from harness import results` must not
+    # pull in the plotting stack.
+    from harness import results
+    from harness.report.page import render_html
+    from harness.report.logs import read_logs
+
+    found = results.from_log(read_logs(study, tracking_uri, storage))
     folder = Path(out_dir) / study.name
     folder.mkdir(parents=True, exist_ok=True)
-    report = Report(folder / "index.html", folder / "results.csv", folder / "comparisons.csv", conclusions(result))
-    results_frame(result).to_csv(report.results_csv, index=False)
-    comparisons_frame(result).to_csv(report.comparisons_csv, index=False)
-    report.page.write_text(render_html(result, Path(out_dir)), encoding="utf-8")
+    report = Report(folder / "index.html", folder / "results.csv", folder / "comparisons.csv", found.conclusions)
+    found.headline.to_csv(report.results_csv, index=False)
+    found.comparisons.to_csv(report.comparisons_csv, index=False)
+    report.page.write_text(render_html(found, Path(out_dir)), encoding="utf-8")
     return report

@@ -11,15 +11,16 @@ from harness.errors import UserError
 from harness.study.ledger.reader import LedgerReader
 from harness.study.ledger.storage import open_storage
 from harness.study.ledger.studies import holds_study
-from harness.study.rules import CONFIRM, PHASES, SEARCH, RunState
+from harness.study.rules import PHASES, SEARCH
 from harness.study.spec import StudyConfig
 from harness.study.stores import redact, sqlite_path
 from harness.study.tracking import RESULT_METRICS, find_experiment, read_child_runs, read_epoch_metrics
 
+CURVE_METRICS = ("train_loss", "train_ppl", "val_loss", "val_ppl", "averaging")
 MIN_IMPORTANCE_TRIALS = 5  # a random forest fit to fewer finished trials reports mostly noise
 RUN_COLUMNS = ("run_id", "name", "variant", "phase", "trial", "seed", "attempt", "state", "fail_reason", "device",
                "device_name", "versions", "git_commit", "corpus", "corpus_md5", "end_time", "params", *RESULT_METRICS)
-CURVE_COLUMNS = ("variant", "seed", "epoch", "train_ppl", "val_ppl")
+CURVE_COLUMNS = ("run_id", "variant", "phase", "trial", "seed", "state", "epoch", *CURVE_METRICS)
 TRIAL_COLUMNS = ("variant", "number", "state", "value", "best_seen", "params")
 
 
@@ -31,7 +32,7 @@ class StudyLog:
     tracking_uri: str
     storage: str
     runs: pd.DataFrame  # one row per MLflow child run (RUN_COLUMNS)
-    curves: pd.DataFrame  # per-epoch train/val perplexity of finished confirmation runs (CURVE_COLUMNS)
+    curves: pd.DataFrame  # per-epoch train/val loss and perplexity of every run (CURVE_COLUMNS)
     trials: pd.DataFrame  # one row per finished or pruned Optuna search trial (TRIAL_COLUMNS)
     tallies: dict  # variant -> phase -> harness.study.rules.Tally; a variant without Optuna studies is absent
     importances: dict  # variant -> {param: importance}, or a sentence saying why there are none
@@ -45,11 +46,15 @@ def ablate_command(study: StudyConfig, tracking_uri: str, storage: str) -> str:
 
 def _curves(tracking_uri: str, runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for run in runs[(runs.phase == CONFIRM) & (runs.state == RunState.FINISHED)].itertuples():
-        history = read_epoch_metrics(tracking_uri, run.run_id, ("train_ppl", "val_ppl"))
-        rows += [{"variant": run.variant, "seed": run.seed, "epoch": epoch, "val_ppl": history["val_ppl"][epoch],
-                  "train_ppl": history["train_ppl"].get(epoch, float("nan"))} for epoch in sorted(history["val_ppl"])]
-    return pd.DataFrame(rows, columns=list(CURVE_COLUMNS))
+    for run in runs.itertuples():
+        history = read_epoch_metrics(tracking_uri, run.run_id, CURVE_METRICS)
+        rows += [{"run_id": run.run_id, "variant": run.variant, "phase": run.phase, "trial": run.trial,
+                  "seed": run.seed, "state": run.state, "epoch": epoch,
+                  **{k: history[k].get(epoch, float("nan")) for k in CURVE_METRICS}}
+                 for epoch in sorted(set().union(*history.values()))]
+    curves = pd.DataFrame(rows, columns=list(CURVE_COLUMNS))
+    curves["averaging"] = curves.averaging.map(lambda v: None if pd.isna(v) else bool(v))  # logged as 0/1
+    return curves
 
 
 def _optuna_side(study: StudyConfig, storage: str, rerun: str) -> tuple[pd.DataFrame, dict, dict]:

@@ -1,65 +1,82 @@
-"""The report page: a StudyResult rendered through templates/report.html.j2 (Jinja2, autoescaped), figures
-embedded as PNG data URIs, so the page is one self-contained file with no script and no external link.
+"""The report page: a study's harness.results rendered through templates/report.html.j2 (Jinja2, autoescaped),
+figures embedded as PNG data URIs, so the page is one self-contained file with no script and no external link.
 """
 
 import datetime
-import math
+import functools
 import shlex
 from pathlib import Path
 
 import jinja2
-import numpy as np
+import pandas as pd
 
 from harness import stats
+from harness.study import adequacy
 from harness.masks import mask_figures, png_data_uri
 from harness.report import plots
-from harness.report.summary import NO_DROPOUT, StudyResult, conclusions, rerun_commands
-from harness.study.rules import CONFIRM, RunState
+from harness.report.answer_keys import METRICS
+from harness.report.summary import NO_DROPOUT, StudyResult, rerun_commands
+from harness.study.rules import CONFIRM, RunState, search_space
 from harness.study.stores import redact
 
 _TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("harness.report", "templates"),
                                 autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
+def _missing(value) -> bool:
+    return value is None or bool(pd.isna(value))
+
+
 def _num(value, digits: int = 2) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+    return "—" if _missing(value) else f"{value:.{digits}f}"
 
 
 def _p(value) -> str:
-    return "—" if value is None else "< 0.001" if value < 0.001 else f"{value:.3f}"
+    return "—" if _missing(value) else "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
-def _interval(ci: stats.Interval | None, signed: bool = False) -> str:
-    if ci is None:
-        return ""
+def _span(low, high, signed: bool = False) -> str:
     form = "{:+.2f}" if signed else "{:.2f}"
-    return f"{form.format(ci.low)}, {form.format(ci.high)}"
+    return "" if _missing(low) else f"{form.format(low)}, {form.format(high)}"
 
 
-def _headline(result: StudyResult) -> list:
-    seeds = len(result.log.study.budget.confirm_seeds)
-    to_reference = result.against(result.reference)
+def _interval(ci: stats.Interval | None) -> str:
+    return "" if ci is None else _span(ci.low, ci.high)
+
+
+def _headline(found) -> list:
+    """The headline table's cells, from the results' headline frame (the numbers of results.csv)."""
+    study, seeds = found.study, len(found.study.budget.confirm_seeds)
+    flags = found.search_flags.groupby("arm")
+    flagged = {arm: [f"⚠ {f.text} (fix: {f.fix})" for f in mine.itertuples()] for arm, mine in flags}
     rows = []
-    for r in result.rows:
-        c, tally = to_reference.get(r.name), r.trials
+    for r in found.headline.to_dict("records"):
+        name = r["variant"]
+        best = {k.split(".", 2)[2]: v for k, v in r.items() if k.startswith("best.") and not _missing(v)}
+        failed, retried, interrupted = r["trials_failed"], r["trials_retried"], r["trials_interrupted"]
+        no_search = _missing(r["trials_run"])  # no Optuna search study yet
         rows.append({
-            "name": r.name, "description": r.description, "is_reference": r.name == result.reference,
-            "search_best_val_ppl": _num(r.search_best_val_ppl), "mean": _num(r.mean),
-            "sd": _num(r.sd) if r.sd is not None else "", "ci": _interval(r.ci),
-            "seeds": f"{len(r.test_ppl)} of {seeds}",
-            "diff": "—" if c is None or c.diff is None else f"{c.diff:+.2f}",
-            "diff_ci": _interval(c.ci, signed=True) if c else "", "p": _p(c.p) if c and c.p is not None else "",
-            "test": c.test if c else "", "note": c.note if c else "", "p_holm": _p(c.p_holm) if c else "",
-            "supported": ("yes" if c.supported else "no") if c and c.p_holm is not None else "—",
-            "rates": (", ".join(f"{k.split('.', 1)[1]} {v:.3g}" for k, v in r.best_params.items()) if r.best_params
-                      else "—" if r.searched else "nothing searched"),
-            "trials_run": r.trials_run if tally else "—", "trials_pruned": tally.pruned if tally else "—",
-            "trials_failed": (f"{tally.failed + tally.retried}"
-                              + (f" ({tally.retried} retried)" if tally.retried else "")
-                              + (f", {tally.interrupted} interrupted" if tally.interrupted else "")) if tally else "—",
-            "device_hours": f"{r.device_hours:.3f}",
-            "best_epoch": (f"{np.median(r.best_epochs):g} of {r.epochs}" + ("" if r.converged else " ⚠"))
-                          if r.best_epochs else "—",
+            "name": name, "description": r["description"], "is_reference": r["reference"],
+            "search_best_val_ppl": _num(r["search_best_val_ppl"]), "mean": _num(r["test_ppl_mean"]),
+            "sd": "" if _missing(r["test_ppl_sd"]) else _num(r["test_ppl_sd"]),
+            "ci": _span(r["test_ppl_ci_low"], r["test_ppl_ci_high"]), "seeds": f"{r['confirm_seeds']} of {seeds}",
+            "diff": "—" if _missing(r["diff_to_reference"]) else f"{r['diff_to_reference']:+.2f}",
+            "diff_ci": _span(r["diff_ci_low_to_reference"], r["diff_ci_high_to_reference"], signed=True),
+            "p": "" if _missing(r["p_to_reference"]) else _p(r["p_to_reference"]),
+            "test": "" if _missing(r["test_to_reference"]) else r["test_to_reference"],
+            "note": "" if _missing(r["note_to_reference"]) else r["note_to_reference"],
+            "p_holm": "" if r["reference"] else _p(r["p_holm_to_reference"]),
+            "supported": "—" if _missing(r["p_holm_to_reference"]) else "yes" if r["supported_to_reference"] else "no",
+            "rates": (", ".join(f"{k} {v:.3g}" for k, v in best.items()) if best
+                      else "—" if search_space(study, name) else "nothing searched"),
+            "trials_run": "—" if no_search else r["trials_run"],
+            "trials_pruned": "—" if no_search else r["trials_pruned"],
+            "trials_failed": "—" if no_search else (f"{failed + retried}" + (f" ({retried} retried)" if retried else "")
+                                                    + (f", {interrupted} interrupted" if interrupted else "")),
+            "device_hours": f"{r['device_hours']:.3f}",
+            "best_epoch": "—" if _missing(r["best_epoch_median"]) else (
+                f"{r['best_epoch_median']:g} of {r['epochs']}" + ("" if r["converged"] else " ⚠")),
+            "search": flagged.get(name, []),
         })
     return rows
 
@@ -81,6 +98,10 @@ def _headline_notes(result: StudyResult) -> list:
         "Best epoch: the median over the confirmation seeds of the epoch with the lowest validation perplexity; ⚠ "
         "marks a variant with a seed whose best epoch fell in the last quarter of its epochs (it may not have "
         "converged).",
+        "Search: ⚠ marks why a search may not have found its arm's best: a best value within "
+        f"{adequacy.EDGE_MARGIN:.0%} of its range's edge, an expected best still falling at the last trial (by more "
+        "than the seeds' sd of validation perplexity), or a searched parameter that changed nothing; each verdict "
+        "touching such an arm says so in the conclusions.",
         "Trials run, pruned and failed count the search; failed includes attempts that were retried, and interrupted "
         "ones (Ctrl-C, a stopped machine), which use no attempt. Device-hours add up the logged seconds of every run.",
     ]
@@ -89,9 +110,15 @@ def _headline_notes(result: StudyResult) -> list:
     return notes
 
 
-def _section(title: str, fig, caption: str, missing: str, importances=None) -> dict:
-    return {"title": title, "image": png_data_uri(fig) if fig is not None else None, "caption": caption,
-            "missing": missing, "importances": importances}
+def _section(title: str, draw, caption: str, missing: str, importances=None) -> dict:
+    """One figure of the page: draw() returns a Figure, or None when there is nothing to draw yet (then `missing`
+    says so); a figure that cannot be drawn from this study's numbers is said in words instead."""
+    try:
+        fig = draw()
+        image = png_data_uri(fig) if fig is not None else None
+    except Exception as err:  # noqa: BLE001  degenerate numbers must not cost the rest of the report
+        image, missing = None, f"This figure could not be drawn from these results ({type(err).__name__}: {err})."
+    return {"title": title, "image": image, "caption": caption, "missing": missing, "importances": importances}
 
 
 def _plots(result: StudyResult) -> list:
@@ -99,30 +126,45 @@ def _plots(result: StudyResult) -> list:
     importances = [(r.name, result.log.importances.get(r.name) or "no search study in the Optuna storage.")
                    for r in result.rows]
     return [
-        _section("Test perplexity over seeds", plots.plot_test_ppl(result, colors),
+        _section("Test perplexity over seeds", lambda: plots.plot_test_ppl(result, colors),
                  "Each dot is one confirmation seed; variants ordered best (lowest) to worst; diamond and bar: the "
                  "mean and its 95% interval.", "No confirmation run has finished yet."),
-        _section("Isolation: best validation perplexity per variant", plots.plot_isolation(result, colors),
+        _section("Isolation: best validation perplexity per variant", lambda: plots.plot_isolation(result, colors),
                  "Each variant's rates were tuned on their own with the same budget; the large marker is the best "
                  "finished search trial (pruned trials are left out: they stopped early).",
                  "No search trial has finished yet."),
-        _section("Learning curves", plots.plot_curves(result, colors),
+        _section("Learning curves", lambda: plots.plot_curves(result, colors),
                  "Train (dashed) and validation (solid) perplexity per epoch of the confirmation runs: median across "
                  "seeds, bands from the lowest to the highest seed. The red band is the gap between them: it widens "
                  "where a variant overfits. Train perplexity is measured with dropout on.",
                  "No confirmation run has finished yet, so there are no curves."),
-        _section("Sensitivity to the searched parameters", plots.plot_sensitivity(result, colors),
+        _section("Sensitivity to the searched parameters", lambda: plots.plot_sensitivity(result, colors),
                  "Best validation perplexity of each finished search trial against each searched parameter, one row "
                  "per variant (ring: the best trial). Triangles along the top mark where pruned trials were: they "
                  "stopped early, so their perplexity is not comparable.",
                  "No search trial with searched parameters has been logged yet.", importances),
         _section("Expected best validation perplexity against the number of trials",
-                 plots.plot_expected_best(result, colors),
+                 lambda: plots.plot_expected_best(result, colors),
                  "Expected lowest validation perplexity of k trials drawn with replacement from the logged ones, ±1 sd "
                  "(Dodge et al. 2019, Show Your Work). Pruned trials count with the best value they reached. The "
                  "search's trials are not independent draws (TPE learns), so read it as a budget curve: where it is "
                  "still falling, more trials would likely have helped.", "No search trial has been logged yet."),
     ]
+
+
+def _answer_key(found) -> dict | None:
+    key = found.summary.answer_key
+    if key is None:
+        return None
+    rows = [{"arm": r.arm, "metric": METRICS[r.metric], "published": f"{r.published:g}", "measured": _num(r.measured),
+             "ci": _interval(r.ci), "seeds": r.seeds, "diff": "—" if r.diff is None else f"{r.diff:+.2f}",
+             "agrees": ("ordering only" if not r.values_compared else "—" if r.measured is None else
+                        "yes" if r.agrees(key.expect.tolerance) else "no")} for r in key.rows]
+    signs = [{"metric": METRICS[s.metric], "pair": f"{s.first} − {s.second}", "published": f"{s.published:+.2f}",
+              "measured": "—" if s.measured is None else f"{s.measured:+.2f}",
+              "holds": "—" if s.holds is None else "yes" if s.holds else "no"} for s in key.signs]
+    return {"source": key.expect.source, "note": key.expect.note, "tolerance": key.expect.tolerance, "rows": rows,
+            "signs": signs, "verdict": key.verdict}
 
 
 def _failures(result: StudyResult) -> list:
@@ -160,8 +202,15 @@ def _configs(result: StudyResult) -> dict:
     return {"variants": list(configs), "rows": [(k, [c.get(k, "") for c in configs.values()]) for k in keys]}
 
 
-def render_html(result: StudyResult, out_dir: Path = Path("reports")) -> str:
-    """The whole report as one HTML page, images embedded; every logged string escaped by the template."""
+@functools.cache  # the diagrams depend on the dropout modules alone (seeded), not on the study
+def _masks() -> tuple:
+    return tuple({"title": m.title, "rule": m.rule, "image": png_data_uri(m.figure)} for m in mask_figures())
+
+
+def render_html(found, out_dir: Path = Path("reports")) -> str:
+    """The whole report of a harness.results.StudyResults as one HTML page, images embedded; every logged string
+    escaped by the template."""
+    result = found.summary
     log, study = result.log, result.log.study
     rebuild = (f"python -m harness report {shlex.quote(str(study.path))} "
                f"--tracking-uri {shlex.quote(redact(log.tracking_uri))} --storage {shlex.quote(redact(log.storage))}")
@@ -170,8 +219,9 @@ def render_html(result: StudyResult, out_dir: Path = Path("reports")) -> str:
     return _TEMPLATES.get_template("report.html.j2").render(
         study=study, result=result, tracking_uri=redact(log.tracking_uri), storage=redact(log.storage),
         built=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        conclusions=conclusions(result), headline=_headline(result), headline_notes=_headline_notes(result),
+        conclusions=found.conclusions, headline=_headline(found), headline_notes=_headline_notes(result),
+        answer_key=_answer_key(found),
         plots=_plots(result), failures=_failures(result),
-        masks=[{"title": m.title, "rule": m.rule, "image": png_data_uri(m.figure)} for m in mask_figures()],
+        masks=_masks(),
         facts=_facts(result), rebuild=rebuild, reruns=rerun_commands(result), configs=_configs(result),
     )

@@ -13,7 +13,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 
 from harness import stats
-from harness.study.rules import RunState
+from harness.study.rules import CONFIRM, RunState
 from harness.report.summary import StudyResult, searchable_params
 
 GREY, GAP = "#5c6a78", "#e4572e"
@@ -79,6 +79,7 @@ def plot_isolation(result: StudyResult, colors: dict) -> Figure | None:
 
 def plot_curves(result: StudyResult, colors: dict) -> Figure | None:
     curves = result.log.curves
+    curves = curves[(curves.phase == CONFIRM) & (curves.state == RunState.FINISHED)]
     variants = [r.name for r in result.rows if (curves.variant == r.name).any()]
     if not variants:
         return None

@@ -1,18 +1,20 @@
-"""The report's numbers, a pure function of a StudyLog: one headline row per variant, every comparison (variant
-minus baseline in mean test perplexity over the confirmation seeds; baselines awd, else the best, and no_dropout for
-each technique's own effect; one Holm family; supported by stats.is_supported alone), what is missing, and the
-conclusions in words.
+"""The report's numbers, a pure function of a StudyLog: one headline row per arm with its search judged
+(harness.study.adequacy), every comparison (arm minus baseline in mean test perplexity over the confirmation seeds;
+baselines awd, else the best, and no_dropout for each technique's own effect; one Holm family; supported by
+stats.is_supported alone), the answer key of [expect], what is missing, and the conclusions in words.
 """
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 
 from harness import stats
 from harness.config import SITES
+from harness.study.adequacy import Flag, judge_trials
+from harness.study.ledger.studies import SearchTrial
 from harness.study.rules import CONFIRM, SEARCH, RunState, Tally, measured, search_space, trials_for
+from harness.report.answer_keys import KeyResult, check_key
 from harness.report.logs import StudyLog
 
 REFERENCE = "awd"
@@ -35,6 +37,8 @@ class VariantResult:
     device_hours: float
     best_epochs: tuple = ()  # the confirmation runs' best epochs (1-based), in seed order
     epochs: int | None = None  # epochs each confirmation run trained
+    flags: tuple = ()  # harness.study.adequacy.Flag: why the search may not have found the arm's best
+    val_ppl: dict = field(default_factory=dict)  # confirmation seed -> best validation perplexity
 
     @property
     def converged(self) -> bool | None:
@@ -80,6 +84,7 @@ class StudyResult:
     reference: str
     reference_note: str
     missing: list  # sentences; empty when the study is complete
+    answer_key: KeyResult | None = None  # published against measured, when the study file has [expect]
 
     def against(self, baseline: str) -> dict:
         """variant -> stats.Comparison of the comparisons against one baseline."""
@@ -105,13 +110,27 @@ def _variant_result(log: StudyLog, variant: str) -> VariantResult:
     # the failures, not averaged.
     confirm = finished[(finished.phase == CONFIRM) & finished.test_ppl.map(measured)].sort_values("end_time")
     test_ppl = {int(s): float(p) for s, p in zip(confirm.seed, confirm.test_ppl)}  # a seed's latest run wins
+    val_ppl = {int(s): float(p) for s, p in zip(confirm.seed, confirm.best_val_ppl) if measured(p)}
     latest = confirm.drop_duplicates("seed", keep="last").sort_values("seed")
+    # The search is judged against the seed noise of its own objective (validation perplexity), once measured.
+    noise = float(np.std(list(val_ppl.values()), ddof=1)) if len(val_ppl) > 1 else None
     return VariantResult(
         variant, log.study.variants[variant].description, searched, best_val, best_params, test_ppl,
         log.tallies.get(variant, {}).get(SEARCH), float(runs.seconds.sum()) / 3600,
         tuple(int(e) for e in latest.best_epoch.dropna()),
         int(latest.epochs.max()) if latest.epochs.notna().any() else None,
+        tuple(judge_trials(search_space(log.study, variant), _search_trials(log, variant), noise)), val_ppl,
     )
+
+
+def _search_trials(log: StudyLog, variant: str) -> list:
+    """The arm's search trials as the ledger reads them (a pruned trial's value None, not NaN)."""
+    def number(value) -> float | None:
+        return None if value is None or not np.isfinite(value) else float(value)
+
+    mine = log.trials[log.trials.variant == variant]
+    return [SearchTrial(t.variant, int(t.number), t.state, number(t.value), number(t.best_seen), dict(t.params))
+            for t in mine.itertuples()]
 
 
 def _reference(results: dict) -> tuple[str, str]:
@@ -188,7 +207,11 @@ def summarize(log: StudyLog) -> StudyResult:
                                 for v, b in pairs])
     order = sorted(results.values(), key=lambda r: (r.mean is None, r.mean or 0.0,
                                                    r.search_best_val_ppl is None, r.search_best_val_ppl or 0.0))
-    return StudyResult(log, order, comparisons, reference, note, missing_parts(log))
+    key = None
+    if log.study.expect is not None:
+        key = check_key(log.study.expect, {"test_ppl": {r.name: r.test_ppl for r in order},
+                                           "val_ppl": {r.name: r.val_ppl for r in order}})
+    return StudyResult(log, order, comparisons, reference, note, missing_parts(log), key)
 
 
 def _ppl(value: float) -> str:
@@ -199,12 +222,34 @@ def _p(value: float) -> str:
     return "< 0.001" if value < 0.001 else f"= {value:.3f}"
 
 
+def flag_text(arm: str, flag: Flag) -> str:
+    """A search flag said of its arm: "weight_only's best weight 0.494 sits at the top of its range [0.05, 0.5]"."""
+    return f"{arm}'s {flag.text[4:] if flag.text.startswith('its ') else flag.text}"
+
+
+def search_limited(result: StudyResult, *arms: str) -> str:
+    """What limits the searches of these arms, in words ("" when their searches are clean)."""
+    rows = {r.name: r for r in result.rows}
+    return "; ".join(flag_text(arm, f) for arm in arms if arm in rows for f in rows[arm].flags)
+
+
+def _search_conclusions(result: StudyResult) -> list:
+    """One sentence naming every arm whose search may not have found its best, with the fix for each."""
+    flagged = [r for r in result.rows if r.flags]
+    if not flagged:
+        return []
+    return ["Search-limited, so these arms' numbers may improve with more search (fix in brackets): " + "; ".join(
+        f"{flag_text(r.name, f)} [{f.fix}]" for r in flagged for f in r.flags) + "."]
+
+
 def conclusions(result: StudyResult) -> list:
     """The report's findings in sentences: the ordering, each supported difference, and what is not supported
-    with the seeds a decision would take."""
+    with the seeds a decision would take; every verdict touching an arm whose search is flagged says so."""
     confirmed = [r for r in result.rows if r.test_ppl]
+    key = [f"Answer key ({result.answer_key.expect.source}): {result.answer_key.verdict}"] if result.answer_key else []
     if not confirmed:
-        return ["No confirmation run has finished yet, so there is nothing to conclude."]
+        return (["No confirmation run has finished yet, so there is nothing to conclude."]
+                + _search_conclusions(result) + key)
     seeds = sorted({len(r.test_ppl) for r in confirmed})
     out = ["Ordered by mean test perplexity (lower is better; " + "/".join(map(str, seeds))
            + " confirmation seeds): " + " < ".join(f"{r.name} {_ppl(r.mean)}" for r in confirmed) + "."]
@@ -217,18 +262,23 @@ def conclusions(result: StudyResult) -> list:
         low, high = (-comp.ci.high, -comp.ci.low) if comp.ci and comp.diff < 0 else (
             (comp.ci.low, comp.ci.high) if comp.ci else (None, None))
         interval = f"95% CI {low:.2f}..{high:.2f}" if comp.ci else "no interval"
+        limited = search_limited(result, comp.variant, comp.baseline)
         if comp.supported:
             supported.append(f"{better} beats {worse} by {abs(comp.diff):.2f} ppl ({interval}, {comp.test} "
-                             f"p {_p(comp.p)}, Holm p {_p(comp.p_holm)}).")
+                             f"p {_p(comp.p)}, Holm p {_p(comp.p_holm)})"
+                             + (f", but search-limited: {limited}." if limited else "."))
         else:
             why = f"Holm p {_p(comp.p_holm)}" if comp.p_holm is not None else (comp.note or "not tested")
             needed = comp.seeds_needed
             need = ("an unknown number of seeds" if needed is None else
                     f"about {needed.text}" if needed.per_variant else needed.text)
-            open_questions.append(f"Not supported: {better} ahead of {worse} by {abs(comp.diff):.2f} ppl ({interval}, "
-                                  f"{why}); deciding it would take {need}, if the observed difference is real.")
+            open_questions.append(f"Not supported{', and search-limited' if limited else ''}: {better} ahead of "
+                                  f"{worse} by {abs(comp.diff):.2f} ppl ({interval}, {why}); deciding it would take "
+                                  f"{need}, if the observed difference is real" + (f"; {limited}." if limited else "."))
     if supported:
         out += supported
+    elif len(result.rows) == 1:
+        out.append(f"The study has one arm, {result.rows[0].name}, so there is nothing to compare it with.")
     else:
         out.append("No difference is supported after Holm's correction.")
     late = []
@@ -238,53 +288,7 @@ def conclusions(result: StudyResult) -> list:
                         f"of {r.epochs} epochs, at epoch {', '.join(map(str, r.late_best_epochs))})")
     if late:
         out.append("Still improving near the end, so more epochs might change these numbers: " + ", ".join(late) + ".")
-    return out + open_questions
-
-
-def results_frame(result: StudyResult) -> pd.DataFrame:
-    """The headline table as numbers (results.csv): one row per variant, best first."""
-    searched = searchable_params(result.rows)
-    to_reference = result.against(result.reference)
-    rows = []
-    for r in result.rows:
-        c = to_reference.get(r.name)
-        ci = r.ci
-        rows.append({
-            "variant": r.name, "description": r.description, "reference": r.name == result.reference,
-            "search_best_val_ppl": r.search_best_val_ppl, "confirm_seeds": len(r.test_ppl),
-            "seeds": ";".join(map(str, sorted(r.test_ppl))), "test_ppl_mean": r.mean, "test_ppl_sd": r.sd,
-            "test_ppl_ci_low": ci.low if ci else None, "test_ppl_ci_high": ci.high if ci else None,
-            "test_ppl_ci_method": ci.method if ci else None,
-            "best_epoch_median": float(np.median(r.best_epochs)) if r.best_epochs else None,
-            "best_epoch_max": max(r.best_epochs) if r.best_epochs else None, "epochs": r.epochs,
-            "converged": r.converged,
-            **_comparison_columns(c, "_to_reference"),
-            **{f"best.{p}": r.best_params.get(p) for p in searched},
-            "trials_run": r.trials_run,
-            **{f"trials_{k}": getattr(r.trials or Tally(), k) for k in ("finished", "pruned", "failed", "retried",
-                                                                          "interrupted")},
-            "device_hours": r.device_hours,
-        })
-    return pd.DataFrame(rows)
-
-
-def _comparison_columns(c: stats.Comparison | None, suffix: str = "") -> dict:
-    return {
-        f"diff{suffix}": c.diff if c else None, f"diff_ci_low{suffix}": c.ci.low if c and c.ci else None,
-        f"diff_ci_high{suffix}": c.ci.high if c and c.ci else None,
-        f"diff_ci_method{suffix}": c.ci.method if c and c.ci else None, f"test{suffix}": c.test if c else None,
-        f"p{suffix}": c.p if c else None, f"p_holm{suffix}": c.p_holm if c else None,
-        f"supported{suffix}": c.supported if c else None,
-        f"seeds_needed{suffix}": c.seeds_needed.per_variant if c and c.seeds_needed else None,
-        f"note{suffix}": c.note if c else None,
-    }
-
-
-def comparisons_frame(result: StudyResult) -> pd.DataFrame:
-    """Every comparison the report makes (comparisons.csv): variant, baseline, difference, interval, tests."""
-    return pd.DataFrame([{"variant": c.variant, "baseline": c.baseline, "n_variant": c.n_variant,
-                          "n_baseline": c.n_baseline, "paired": c.paired, **_comparison_columns(c)}
-                         for c in result.comparisons])
+    return out + open_questions + _search_conclusions(result) + key
 
 
 def rerun_commands(result: StudyResult) -> list:

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from harness import stats
+from harness.study.rules import measured
 from harness.study.spec import Range
 
 EDGE_MARGIN = 0.05  # a best value within this fraction of its range's width from an edge sits at that edge
@@ -57,7 +58,7 @@ def edge_flags(space: dict, best: dict, margin: float = EDGE_MARGIN) -> list[Fla
 def last_trial_gain(values: list) -> float | None:
     """How much the last trial lowered the expected best of the search (Dodge et al.: E[min of n] against
     E[min of n-1] over the logged values), in the values' unit; None with fewer than two values."""
-    finite = [v for v in values if math.isfinite(v)]
+    finite = [v for v in values if measured(v)]
     if len(finite) < 2:
         return None
     return stats.expected_best(finite, len(finite) - 1)[0] - stats.expected_best(finite, len(finite))[0]
@@ -69,7 +70,7 @@ def still_falling_flag(values: list, noise: float | None = None) -> Flag | None:
     gain = last_trial_gain(values)
     if gain is None:
         return None
-    best = stats.expected_best([v for v in values if math.isfinite(v)], len(values))[0]
+    best = stats.expected_best([v for v in values if measured(v)], len(values))[0]
     threshold = noise if noise is not None and noise > 0 else STILL_FALLING * best
     if gain <= threshold:
         return None

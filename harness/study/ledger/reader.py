@@ -38,6 +38,13 @@ class LedgerReader(StudyTrials):
                     f"importances (they need at least {min_trials}).")
         if all(t.params == finished[0].params for t in finished):
             return "every finished search trial used the same values, so no parameter can explain a difference."
+        if len({t.value for t in finished}) == 1:  # fANOVA raises "zero total variance" on it
+            return (f"every finished search trial gave the same validation perplexity ({finished[0].value:.2f}), so "
+                    "there is no variance for a parameter to explain.")
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-        importances = optuna.importance.get_param_importances(self.studies[(variant, SEARCH)], evaluator=evaluator)
+        try:
+            importances = optuna.importance.get_param_importances(self.studies[(variant, SEARCH)],
+                                                                  evaluator=evaluator)
+        except (RuntimeError, ValueError) as err:  # what optuna raises on trials it cannot fit a forest to
+            return f"Optuna could not compute them from these trials ({err})."
         return {k: float(v) for k, v in importances.items()}
