@@ -1,6 +1,7 @@
 """The comparison report of a study, built only from what MLflow and Optuna hold: `logs` reads them, `summary`
-computes every number (statistics from harness.stats), `plots` draws, `page` renders the Jinja2 template; writes
-<out>/<study>/index.html, results.csv and comparisons.csv, also for a study still running (it says what is missing).
+computes every number (statistics from harness.stats), `plots` draws, `page` renders the Jinja2 template, `crossed`
+answers a study's [axes]; writes <out>/<study>/index.html, results.csv, comparisons.csv (crossed.csv with axes),
+also for a study still running (it says what is missing).
 
     python -m harness report studies/ablation.toml [--tracking-uri URI] [--storage URL] [--out reports]
 """
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.study.spec import StudyConfig
+from harness.report.crossed import cross_result, crossed_conclusions, crossed_frame
 from harness.report.logs import read_logs
 from harness.report.page import render_html
 from harness.report.summary import comparisons_frame, conclusions, results_frame, summarize
@@ -29,7 +31,11 @@ def build_report(study: StudyConfig, tracking_uri: str, storage: str, out_dir: P
     result = summarize(read_logs(study, tracking_uri, storage))
     folder = Path(out_dir) / study.name
     folder.mkdir(parents=True, exist_ok=True)
-    report = Report(folder / "index.html", folder / "results.csv", folder / "comparisons.csv", conclusions(result))
+    crossed = cross_result(result)  # None without [axes]
+    report = Report(folder / "index.html", folder / "results.csv", folder / "comparisons.csv",
+                    conclusions(result) + crossed_conclusions(crossed))
+    if crossed is not None:
+        crossed_frame(crossed).to_csv(folder / "crossed.csv", index=False)
     results_frame(result).to_csv(report.results_csv, index=False)
     comparisons_frame(result).to_csv(report.comparisons_csv, index=False)
     report.page.write_text(render_html(result, Path(out_dir)), encoding="utf-8")

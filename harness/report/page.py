@@ -13,6 +13,7 @@ import numpy as np
 from harness import stats
 from harness.masks import mask_figures, png_data_uri
 from harness.report import plots
+from harness.report.crossed import crossed_section
 from harness.report.summary import NO_DROPOUT, StudyResult, conclusions, rerun_commands
 from harness.study.rules import CONFIRM, RunState
 from harness.study.stores import redact
@@ -174,4 +175,5 @@ def render_html(result: StudyResult, out_dir: Path = Path("reports")) -> str:
         plots=_plots(result), failures=_failures(result),
         masks=[{"title": m.title, "rule": m.rule, "image": png_data_uri(m.figure)} for m in mask_figures()],
         facts=_facts(result), rebuild=rebuild, reruns=rerun_commands(result), configs=_configs(result),
+        crossed=crossed_section(result),
     )
