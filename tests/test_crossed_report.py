@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
+from harness.masks import png_data_uri, weight_figure
 from harness.report import build_report
 from harness.report.crossed import cross, cross_result, crossed_conclusions, crossed_frame, crossed_section
 from harness.report.crossed import plot_crossed
@@ -249,3 +250,9 @@ def test_a_tiny_study_with_an_axis_reports_the_crossed_question(tmp_path, test_c
                for s in report.conclusions)
     for sentence in report.conclusions:
         assert sentence.replace("'", "&#39;") in page
+    # Issue #18 item 4: the page's weight-drop diagram is the per-cell one, the vanilla RNN's H x H beside GRU's and
+    # LSTM's gate blocks.
+    weight = weight_figure()
+    assert [mask.shape for mask in weight.masks.values()] == [(6, 6)] * 2 + [(18, 6)] * 2 + [(24, 6)] * 2
+    assert png_data_uri(weight.figure) in page
+    assert "rnn_tanh and rnn_relu: H x H; gru: 3H x H, gates r, z, n; lstm: 4H x H, gates i, f, g, o" in page
