@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from markupsafe import escape
 from scipy import stats as scipy_stats
 
 from harness.masks import png_data_uri, weight_figure
@@ -220,7 +221,7 @@ def test_the_section_before_any_confirmation_says_so(tmp_path):
 
 @pytest.mark.slow
 def test_a_tiny_study_with_an_axis_reports_the_crossed_question(tmp_path, test_corpus):
-    study = tiny_study(tmp_path, test_corpus, trials=1, seeds="[1, 2, 3]", edits=[
+    study = tiny_study(tmp_path, test_corpus, trials=1, seeds="[1, 2]", edits=[
         ("[variants.locked_only]", "[variants.no_dropout]\n[variants.locked_only]"),
         ("epochs = 2", "epochs = 1"),
         ("[search]", '[axes]\n"model.cell" = ["lstm", "rnn_tanh"]\n[search]')])
@@ -249,7 +250,7 @@ def test_a_tiny_study_with_an_axis_reports_the_crossed_question(tmp_path, test_c
     assert any(s.startswith("The difference in weight_only's effect between cell=lstm and cell=rnn_tanh")
                for s in report.conclusions)
     for sentence in report.conclusions:
-        assert sentence.replace("'", "&#39;") in page
+        assert str(escape(sentence)) in page  # as the autoescaping template writes it
     # Issue #18 item 4: the page's weight-drop diagram is the per-cell one, the vanilla RNN's H x H beside GRU's and
     # LSTM's gate blocks.
     weight = weight_figure()
