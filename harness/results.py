@@ -91,7 +91,8 @@ class StudyResults:
     search_flags: pd.DataFrame  # FLAGS: why an arm's search may not have found its best, with the fix
     answer_key: pd.DataFrame  # ANSWER_KEY: published against measured per arm and metric (empty without [expect])
     answer_signs: pd.DataFrame  # ANSWER_SIGNS: each published difference between two keyed arms, and if it holds
-    conclusions: list  # the report's sentences
+    crossed: pd.DataFrame  # crossed.csv: each effect per axis level, each interaction contrast (empty without [axes])
+    conclusions: list  # the report's sentences: the headline's, then the crossed section's
     missing: list  # what a complete study would have and this one lacks (empty when complete)
 
     @property
@@ -125,10 +126,15 @@ def load(study, storage: str = DEFAULT_STORAGE, tracking_uri: str = DEFAULT_TRAC
 
 def from_log(log: StudyLog) -> StudyResults:
     """The results of what was read (a pure function: the report's numbers and every frame)."""
+    from harness.report.crossed import cross_result, crossed_conclusions, crossed_frame  # draws: loaded when used
+
     result = summarize(log)
+    crossed = cross_result(result)  # None without [axes]
     return StudyResults(log.study, result, runs_frame(log), curves_frame(log), trials_frame(log),
                         headline_frame(result), comparisons_frame(result), flags_frame(result),
-                        *answer_frames(result.answer_key), conclusions(result), result.missing)
+                        *answer_frames(result.answer_key),
+                        pd.DataFrame() if crossed is None else crossed_frame(crossed),
+                        conclusions(result) + crossed_conclusions(crossed), result.missing)
 
 
 def runs_frame(log: StudyLog) -> pd.DataFrame:

@@ -1,6 +1,7 @@
 """The comparison report of a study, a client of harness.results: `logs` reads MLflow and Optuna, `summary` computes
 every number (statistics from harness.stats), harness.results holds them as frames; `plots` draws, `page` renders the
-Jinja2 template; writes <out>/<study>/index.html, results.csv and comparisons.csv, also while a study runs.
+Jinja2 template, `crossed` answers a study's [axes]; writes <out>/<study>/index.html, results.csv, comparisons.csv
+(crossed.csv with axes), also while a study runs.
 
     python -m harness report studies/ablation.toml [--tracking-uri URI] [--storage URL] [--out reports]
 """
@@ -38,5 +39,7 @@ def build_report(study: StudyConfig, tracking_uri: str, storage: str, out_dir: P
     report = Report(folder / "index.html", folder / "results.csv", folder / "comparisons.csv", found.conclusions)
     found.headline.to_csv(report.results_csv, index=False)
     found.comparisons.to_csv(report.comparisons_csv, index=False)
+    if not found.crossed.empty:
+        found.crossed.to_csv(folder / "crossed.csv", index=False)
     report.page.write_text(render_html(found, Path(out_dir)), encoding="utf-8")
     return report

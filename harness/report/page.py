@@ -15,7 +15,8 @@ from harness.study import adequacy
 from harness.masks import mask_figures, png_data_uri
 from harness.report import plots
 from harness.report.answer_keys import METRICS
-from harness.report.summary import NO_DROPOUT, StudyResult, rerun_commands
+from harness.report.crossed import crossed_section
+from harness.report.summary import NO_DROPOUT, StudyResult, conclusions, rerun_commands
 from harness.study.rules import CONFIRM, RunState, search_space
 from harness.study.stores import redact
 
@@ -219,9 +220,10 @@ def render_html(found, out_dir: Path = Path("reports")) -> str:
     return _TEMPLATES.get_template("report.html.j2").render(
         study=study, result=result, tracking_uri=redact(log.tracking_uri), storage=redact(log.storage),
         built=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        conclusions=found.conclusions, headline=_headline(found), headline_notes=_headline_notes(result),
+        conclusions=conclusions(result), headline=_headline(found), headline_notes=_headline_notes(result),
         answer_key=_answer_key(found),
         plots=_plots(result), failures=_failures(result),
         masks=_masks(),
         facts=_facts(result), rebuild=rebuild, reruns=rerun_commands(result), configs=_configs(result),
+        crossed=crossed_section(result),
     )
