@@ -218,8 +218,7 @@ def test_make_ui_opens_the_runs_table_with_parents_children_states_and_datasets(
         splits = ("train", "valid", "test") if run.data.tags.get("phase") == "confirm" else ("train", "valid")
         if run.data.tags.get("kind") == "run":
             for split in splits:
-                assert f"ptb.{split} ({md5[split]})" in row["dataset"].replace("\n", " ") or (
-                    f"{split} ({md5[split]})" in row["dataset"].replace("\n", " ")), (run.info.run_name, row)
+                assert f"{run.data.tags['corpus']}.{split} ({md5[split]})" in row["dataset"], (run.info.run_name, row)
             if "test" not in splits:
                 assert md5["test"] not in row["dataset"]  # a search run never reads the test split
     assert (tmp_path / "screenshots" / "mlflow-runs-expanded.png").stat().st_size > 10_000
@@ -251,3 +250,19 @@ def test_make_dashboard_pages_show_every_study_with_its_objective_named(dashboar
     for name, text in texts.items():
         assert "val_ppl" in text and "Objective 0" not in text, name
     assert len(list((tmp_path / "screenshots").glob("dashboard-*.png"))) == 7
+
+
+@pytest.mark.slow
+def test_each_run_logs_the_corpus_splits_it_reads_as_dataset_inputs(smoke_run):
+    client = MlflowClient(smoke_run.tracking_uri)
+    experiment = client.get_experiment_by_name("smoke")
+    md5 = dict(pair.split("=") for pair in experiment.tags["corpus_md5"].split(","))
+    runs = client.search_runs([experiment.experiment_id], "tags.kind = 'run'", max_results=1000)
+    assert runs
+    for run in runs:
+        inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+        logged = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): (i.dataset.name, i.dataset.digest)
+                  for i in inputs}
+        splits = ("train", "valid", "test") if run.data.tags["phase"] == "confirm" else ("train", "valid")
+        corpus = run.data.tags["corpus"]  # the corpus folder's name: ptb, or the synthetic corpus's
+        assert logged == {split: (f"{corpus}.{split}", md5[split]) for split in splits}, run.info.run_name
