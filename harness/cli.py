@@ -230,11 +230,16 @@ def _tool(name: str) -> str:
 
 
 def cmd_ui(args) -> int:
-    """The MLflow UI on the study's tracking store (replaces this process)."""
+    """The MLflow UI on the study's tracking store (replaces this process), after printing each study's runs table."""
     from harness.study.stores import check_tracking, redact
+    from harness.study.tracking import runs_table_links
 
     check_tracking(args.tracking_uri)
-    print(f"MLflow UI on http://{args.host}:{args.port} for {redact(args.tracking_uri)} (Ctrl-C stops it)", flush=True)
+    # A browser on this machine reaches a server listening on every interface at 127.0.0.1.
+    base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    links = runs_table_links(args.tracking_uri, base)
+    print(f"MLflow UI on {base} for {redact(args.tracking_uri)} (Ctrl-C stops it)"
+          + "".join(f"\n  {name}: {url}" for name, url in links.items()), flush=True)
     os.execv(_tool("mlflow"), ["mlflow", "ui", "--backend-store-uri", args.tracking_uri, "--host", args.host,
                                "--port", str(args.port)])
 

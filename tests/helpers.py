@@ -2,6 +2,8 @@
 study files and corpora made for tests, the tiny training setup, servers' ports, and the tiny ablation study.
 """
 
+import asyncio
+import contextlib
 import glob
 import json
 import os
@@ -13,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import pandas as pd
 import pytest
 import torch
@@ -49,6 +52,16 @@ def postgres_bin() -> Path | None:
     return Path(found).parent if found else None
 
 
+def latex_with_booktabs() -> Path | None:
+    """pdflatex, when it is installed and its TeX tree has booktabs.sty (Debian: texlive-latex-recommended)."""
+    found = shutil.which("pdflatex")
+    kpsewhich = shutil.which("kpsewhich")
+    if found is None or kpsewhich is None:
+        return None
+    probe = subprocess.run([kpsewhich, "booktabs.sty"], capture_output=True, text=True, timeout=30)
+    return Path(found) if probe.returncode == 0 and probe.stdout.strip() else None
+
+
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 PTB_DATA_DIR = ptb_data_dir()  # read at import, before the data_dir fixture points AWD_DATA_DIR elsewhere
 _PTB_SEARCHED = Path(os.environ.get("AWD_DATA_DIR") or SHARED_DATA).expanduser().absolute() / "ptb"
@@ -59,6 +72,8 @@ NEEDS = {
             f"the Penn Treebank, not found at {_PTB_SEARCHED} (set AWD_DATA_DIR to the folder holding ptb/)"),
     "chromium": (lambda: CHROMIUM.exists(), "Chromium (Debian: apt-get install -y chromium)"),
     "postgresql": (lambda: postgres_bin() is not None, "PostgreSQL (Debian: apt-get install -y postgresql)"),
+    "latex": (lambda: latex_with_booktabs() is not None,
+              "pdflatex with booktabs (Debian: apt-get install -y texlive-latex-base texlive-latex-recommended)"),
 }
 
 
@@ -121,6 +136,82 @@ def wait_for(condition, timeout: float, what: str, every: float = 0.2):
             return value
         time.sleep(every)
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+# --- a real browser -------------------------------------------------------------------------------------
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+class DevTools:
+    """A minimal Chrome DevTools Protocol client over one websocket: commands, events, errors seen."""
+
+    def __init__(self, ws):
+        self.ws, self.next_id, self.events = ws, 0, []
+
+    async def _receive(self) -> dict:
+        message = json.loads((await self.ws.receive(timeout=30)).data)
+        if "method" in message:
+            self.events.append(message)
+        return message
+
+    async def call(self, method: str, session: str | None = None, **params) -> dict:
+        self.next_id += 1
+        await self.ws.send_json({"id": self.next_id, "method": method, "params": params,
+                                 **({"sessionId": session} if session else {})})
+        while True:
+            message = await self._receive()
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+
+    async def wait_for(self, method: str) -> None:
+        while not any(e["method"] == method for e in self.events):
+            await self._receive()
+
+    def errors(self) -> list:
+        """Console errors, uncaught exceptions and browser log errors (failed loads among them)."""
+        found = []
+        for e in self.events:
+            params = e.get("params", {})
+            if e["method"] == "Runtime.exceptionThrown":
+                found.append(params["exceptionDetails"].get("text"))
+            elif e["method"] == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
+                found.append(params["args"])
+            elif e["method"] == "Log.entryAdded" and params["entry"]["level"] == "error":
+                found.append(params["entry"]["text"])
+        return found
+
+
+@contextlib.asynccontextmanager
+async def headless_chromium(profile: Path, width: int = 1600, height: int = 1000):
+    """Headless Chromium with a fresh profile, driven over DevTools: yields (DevTools, session id) of one blank
+    page of width x height CSS pixels with Page, Runtime and Log enabled; the browser ends with the block."""
+    browser = subprocess.Popen([str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                                "--remote-debugging-port=0", "about:blank"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 30
+        while not (port_file.exists() and len(port_file.read_text().split()) == 2):
+            assert browser.poll() is None, f"{CHROMIUM} exited with {browser.returncode}"
+            assert time.monotonic() < deadline, "Chromium did not open its DevTools port within 30 s"
+            await asyncio.sleep(0.05)
+        port, path = port_file.read_text().split()
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"ws://127.0.0.1:{port}{path}",
+                                                                     max_msg_size=0) as ws:
+            tools = DevTools(ws)
+            target = await tools.call("Target.createTarget", url="about:blank")
+            attached = await tools.call("Target.attachToTarget", targetId=target["targetId"], flatten=True)
+            session = attached["sessionId"]
+            for domain in ("Page", "Runtime", "Log"):
+                await tools.call(f"{domain}.enable", session)
+            await tools.call("Emulation.setDeviceMetricsOverride", session, width=width, height=height,
+                             deviceScaleFactor=1, mobile=False)
+            yield tools, session
+    finally:
+        browser.terminate()
+        browser.wait(timeout=30)
 
 
 # --- corpora and study files ----------------------------------------------------------------------------

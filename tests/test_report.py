@@ -7,15 +7,11 @@ Run: .venv/bin/python -m pytest -q tests/test_report.py   (the browser test need
 
 import asyncio
 import dataclasses
-import json
 import re
 import shlex
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
-import aiohttp
 import numpy as np
 import optuna
 import pandas as pd
@@ -32,12 +28,10 @@ from harness.report import build_report
 from harness.report.logs import read_logs
 from harness.report.page import render_html
 from harness.report.summary import conclusions, rerun_commands, summarize
-from helpers import CHROMIUM
+from helpers import headless_chromium
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
 NASTY = "<script>alert('x')</script> & \"quotes\""
 
 
@@ -148,47 +142,6 @@ def test_page_is_self_contained_and_says_the_study_is_complete(report):
 
 
 # --- in a real browser ------------------------------------------------------------------------------
-class DevTools:
-    """A minimal Chrome DevTools Protocol client over one websocket: commands, events, errors seen."""
-
-    def __init__(self, ws):
-        self.ws, self.next_id, self.events = ws, 0, []
-
-    async def _receive(self) -> dict:
-        message = json.loads((await self.ws.receive(timeout=30)).data)
-        if "method" in message:
-            self.events.append(message)
-        return message
-
-    async def call(self, method: str, session: str | None = None, **params) -> dict:
-        self.next_id += 1
-        await self.ws.send_json({"id": self.next_id, "method": method, "params": params,
-                                 **({"sessionId": session} if session else {})})
-        while True:
-            message = await self._receive()
-            if message.get("id") == self.next_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message["result"]
-
-    async def wait_for(self, method: str) -> None:
-        while not any(e["method"] == method for e in self.events):
-            await self._receive()
-
-    def errors(self) -> list:
-        """Console errors, uncaught exceptions and browser log errors (failed loads among them)."""
-        found = []
-        for e in self.events:
-            params = e.get("params", {})
-            if e["method"] == "Runtime.exceptionThrown":
-                found.append(params["exceptionDetails"].get("text"))
-            elif e["method"] == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
-                found.append(params["args"])
-            elif e["method"] == "Log.entryAdded" and params["entry"]["level"] == "error":
-                found.append(params["entry"]["text"])
-        return found
-
-
 PAGE_FACTS = """(async () => {
   const images = [...document.images];
   const undecodable = [];
@@ -210,32 +163,12 @@ PAGE_FACTS = """(async () => {
 
 async def inspect_in_chromium(page: Path, profile: Path) -> tuple[dict, list]:
     """Open the page in headless Chromium over DevTools; the page's facts and the errors the browser saw."""
-    browser = subprocess.Popen([str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                                "--remote-debugging-port=0", "about:blank"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 30
-        while not (port_file.exists() and len(port_file.read_text().split()) == 2):
-            assert browser.poll() is None, f"{CHROMIUM} exited with {browser.returncode}"
-            assert time.monotonic() < deadline, "Chromium did not open its DevTools port within 30 s"
-            await asyncio.sleep(0.05)
-        port, path = port_file.read_text().split()
-        async with aiohttp.ClientSession() as http, http.ws_connect(f"ws://127.0.0.1:{port}{path}",
-                                                                     max_msg_size=0) as ws:
-            tools = DevTools(ws)
-            target = await tools.call("Target.createTarget", url="about:blank")
-            attached = await tools.call("Target.attachToTarget", targetId=target["targetId"], flatten=True)
-            session = attached["sessionId"]
-            for domain in ("Page", "Runtime", "Log"):
-                await tools.call(f"{domain}.enable", session)
-            await tools.call("Page.navigate", session, url=page.as_uri())
-            await tools.wait_for("Page.loadEventFired")
-            facts = await tools.call("Runtime.evaluate", session, expression=PAGE_FACTS, awaitPromise=True,
-                                     returnByValue=True)
-            return facts["result"]["value"], tools.errors()
-    finally:
-        browser.terminate()
-        browser.wait(timeout=30)
+    async with headless_chromium(profile) as (tools, session):
+        await tools.call("Page.navigate", session, url=page.as_uri())
+        await tools.wait_for("Page.loadEventFired")
+        facts = await tools.call("Runtime.evaluate", session, expression=PAGE_FACTS, awaitPromise=True,
+                                 returnByValue=True)
+        return facts["result"]["value"], tools.errors()
 
 
 @pytest.mark.servers

@@ -1,7 +1,8 @@
 """The comparison report of a study, a client of harness.results: `logs` reads MLflow and Optuna, `summary` computes
 every number (statistics from harness.stats), harness.results holds them as frames; `plots` draws, `page` renders the
-Jinja2 template, `crossed` answers a study's [axes]; writes <out>/<study>/index.html, results.csv, comparisons.csv
-(crossed.csv with axes), also while a study runs.
+Jinja2 template, `crossed` answers a study's [axes], `paper` writes copies for a paper; <out>/<study>/ gets index.html,
+results.csv, comparisons.csv (crossed.csv with axes), table.tex, table.md, figures/ and README.md, also while a
+study runs.
 
     python -m harness report studies/ablation.toml [--tracking-uri URI] [--storage URL] [--out reports]
 """
@@ -12,7 +13,8 @@ from pathlib import Path
 from harness.study.spec import StudyConfig
 
 
-REPORT_FILES = ("index.html", "results.csv", "comparisons.csv")  # what a report writes into <out>/<study>/
+# What a report writes into <out>/<study>/ (also figures/, and crossed.csv with axes).
+REPORT_FILES = ("index.html", "results.csv", "comparisons.csv", "table.tex", "table.md", "README.md")
 
 
 @dataclass(frozen=True)
@@ -26,12 +28,14 @@ class Report:
 
 
 def build_report(study: StudyConfig, tracking_uri: str, storage: str, out_dir: Path = Path("reports")) -> Report:
-    """Write <out_dir>/<study>/index.html, results.csv and comparisons.csv from what was logged."""
+    """Write <out_dir>/<study>/index.html, results.csv, comparisons.csv and the paper's files from what was logged."""
     # Imported here: harness.results imports this package's modules, and `from harness import results` must not
     # pull in the plotting stack.
     from harness import results
     from harness.report.page import render_html
+    from harness.report import plots
     from harness.report.logs import read_logs
+    from harness.report.paper import Provenance, write_paper
 
     found = results.from_log(read_logs(study, tracking_uri, storage))
     folder = Path(out_dir) / study.name
@@ -42,4 +46,6 @@ def build_report(study: StudyConfig, tracking_uri: str, storage: str, out_dir: P
     if not found.crossed.empty:
         found.crossed.to_csv(folder / "crossed.csv", index=False)
     report.page.write_text(render_html(found, Path(out_dir)), encoding="utf-8")
+    write_paper(folder, found.headline, plots.report_figures(found.summary),
+                Provenance.from_runs(study.path, study.digest, study.corpus, found.summary.log.runs), study.name)
     return report

@@ -171,3 +171,11 @@ def plot_expected_best(result: StudyResult, colors: dict) -> Figure | None:
     return fig
 
 
+
+
+def report_figures(result: StudyResult) -> dict:
+    """Every figure of the report by file name (None where there is nothing to draw yet), for harness.report.paper."""
+    colors = palette(result.log.study.variants)
+    return {"test_ppl": plot_test_ppl(result, colors), "isolation": plot_isolation(result, colors),
+            "curves": plot_curves(result, colors), "sensitivity": plot_sensitivity(result, colors),
+            "expected_best": plot_expected_best(result, colors)}

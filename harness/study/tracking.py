@@ -16,12 +16,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from harness.config import RunConfig
 from harness.errors import UserError
-from harness.study.rules import RunState
+from harness.study.rules import CONFIRM, RunState
 from harness.study.spec import StudyConfig, StudyIdentity
 from harness.study.stores import DEFAULT_TRACKING_URI, redact, sqlite_path
 from harness.train import EpochResult, RunResult
@@ -36,6 +36,8 @@ MLFLOW_STATUS = {RunState.RUNNING: "RUNNING", RunState.FINISHED: "FINISHED", Run
 NAME_SUFFIX = {RunState.PRUNED: " [pruned]", RunState.INTERRUPTED: " [interrupted]", RunState.FAILED: " [failed]"}
 # MLflow 3 opens an experiment without this tag in its GenAI (traces) view; this is model training.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# The input tag MLflow's runs table reads a dataset's role from (mlflow.log_input writes the same key).
+DATASET_CONTEXT = "mlflow.data.context"
 
 
 VERSIONED_PACKAGES = ("torch", "optuna", "mlflow", "numpy", "scipy", "pandas", "matplotlib", "seaborn")
@@ -76,6 +78,23 @@ def _artifact_location(uri: str, study: StudyConfig) -> str | None:
     return None if path is None else (path.resolve().parent / "mlartifacts" / study.name).as_uri()
 
 
+def runs_table_links(uri: str, base_url: str) -> dict:
+    """study (experiment) name -> the address of its runs table in the MLflow UI at base_url, for every experiment
+    of the store but MLflow's empty Default. MLflow 3.17 opens an experiment in its GenAI overview whatever its
+    experimentKind tag says; #/experiments/ID/runs is the runs table's own route (experimentPageTabRuns in
+    mlflow/server/js) and workflowType=machine_learning selects the UI's "Model training" side."""
+    client, links, token = MlflowClient(tracking_uri=uri), {}, None
+    while True:
+        page = client.search_experiments(max_results=1000, page_token=token)
+        for experiment in page:
+            if experiment.name != "Default":
+                links[experiment.name] = (f"{base_url.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs"
+                                          "?workflowType=machine_learning")
+        token = page.token
+        if not token:
+            return links
+
+
 def ui_command(uri: str) -> str:
     """How to browse this tracking store: the MLflow UI on a local store, the server's address otherwise."""
     if urlsplit(uri).scheme in ("http", "https"):
@@ -89,7 +108,7 @@ class Tracker:
 
     def __init__(self, uri: str, study: StudyConfig, identity: StudyIdentity, common_tags: dict):
         self.client = MlflowClient(tracking_uri=uri)
-        self.study, self.common_tags = study, common_tags
+        self.study, self.identity, self.common_tags = study, identity, common_tags
         experiment = self.client.get_experiment_by_name(study.name)
         if experiment is None:
             try:
@@ -149,7 +168,25 @@ class Tracker:
         self.client.log_batch(run_id, params=params)
         self.client.log_text(run_id, self.study.text, "study.toml")
         self.client.log_text(run_id, json.dumps(config.to_dict(), indent=2), "config.json")
+        self._log_corpus(run_id, str(tags.get("phase", "")))
         return run_id
+
+    def _log_corpus(self, run_id: str, phase: str) -> None:
+        """The corpus splits the run reads, as MLflow dataset inputs (the runs table's Dataset column): one per
+        split named CORPUS.SPLIT, its file's MD5 as digest, context train, valid, and test where the run evaluates
+        it (confirmation runs only). Nothing when the identity holds no MD5s (a corpus that was not checked)."""
+        splits = ("train", "valid", "test") if phase == CONFIRM else ("train", "valid")
+        inputs = []
+        for split in splits:
+            md5, path = self.identity.corpus_md5.get(split), self.identity.corpus_files.get(split)
+            if md5 is None:
+                continue
+            corpus = Path(path).parent.name if path else self.study.corpus
+            source = json.dumps({"uri": Path(path).resolve().as_uri()} if path else {"corpus": self.study.corpus})
+            inputs.append(DatasetInput(Dataset(f"{corpus}.{split}", md5, "local" if path else "code", source),
+                                       [InputTag(DATASET_CONTEXT, split)]))
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
 
     def log_epoch(self, run_id: str, epoch: EpochResult) -> None:
         """One epoch's metrics (every field of EpochResult; averaging as 0/1), step = epoch."""
