@@ -6,14 +6,17 @@ server. Connections give up within seconds when a server does not answer.
 
 import contextlib
 import hashlib
+import os
 import re
 import sqlite3
+import warnings
 from pathlib import Path
-from urllib.parse import quote, unquote
+from urllib.parse import parse_qsl, quote, unquote
 
 import filelock
 import requests
 import sqlalchemy
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 
 from harness.errors import UserError
 
@@ -80,9 +83,12 @@ def check_password(url: str, flag: str) -> None:
 
 
 def sqlite_path(url: str, flag: str) -> Path | None:
-    """The database file of a sqlite:/// URL, None for other schemes; UserError for one that would not persist.
+    """The database file a sqlite:/// URL opens, absolute, None for other schemes; UserError for one that would not
+    persist, or that SQLite would open read-only or without its locks.
 
-    `flag` names the option the URL came from (--storage, --tracking-uri), for the message.
+    The file is found the way SQLite finds it, from SQLAlchemy's own connect arguments (the database name and
+    its `uri` flag), then SQLite's URI filename rules (`file:NAME?mode=...`): two spellings of one file give one
+    path (symlinks are resolved by LocalLock). `flag` names the option the URL came from, for the message.
     """
     if not url.startswith("sqlite:"):
         return None
@@ -90,14 +96,59 @@ def sqlite_path(url: str, flag: str) -> Path | None:
     if url != "sqlite://" and not url.startswith("sqlite:///"):
         raise UserError(f"{flag} {redact(url)}: write sqlite:///FILE (three slashes; four for an absolute path), "
                         f"e.g. {example}")
-    path = unquote(url[len("sqlite:///"):])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SQLAlchemy's note that it ignores URI arguments without uri=true
+            parsed = sqlalchemy.engine.make_url(url)
+            (name, *_), options = _PYSQLITE.create_connect_args(parsed)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as err:
+        raise UserError(f"{flag} {redact(url)}: not a SQLite URL SQLAlchemy can read ({err}); e.g. {example}") from None
+    params = {}
+    if not options.get("uri"):
+        name = parsed.database or ""  # as spelled (SQLAlchemy made it absolute), for messages
+    elif name.startswith("file:"):
+        name, params = _uri_filename(name, f"{flag} {redact(url)}")
     # In memory: no file (sqlite://), SQLite's :memory: name, or a URI filename asking for memory (mode=memory)
-    # or its in-memory file system (vfs=memdb).
-    if (not path or path.startswith((":memory:", "file::memory:")) or "mode=memory" in path
-            or "vfs=memdb" in path):
+    # or its in-memory file system (vfs=memdb); a spelling SQLAlchemy would ignore is refused too, as meant.
+    spelled = unquote(url).lower()
+    if (name in ("", ":memory:") or params.get("mode") == "memory" or params.get("vfs") == "memdb"
+            or "file::memory:" in spelled or "mode=memory" in spelled or "vfs=memdb" in spelled):
         raise UserError(f"{flag} {redact(url)}: an in-memory database vanishes when the command ends, and every "
                         f"result with it; use a file, e.g. {example}")
-    return Path(path.split("?", 1)[0])
+    unsafe = {k: v for k, v in params.items() if k in _UNSAFE_URI_PARAMS and v not in _UNSAFE_URI_PARAMS[k]}
+    if unsafe:
+        raise UserError(f"{flag} {redact(url)}: {', '.join(f'{k}={v}' for k, v in unsafe.items())} would make SQLite "
+                        f"open the store read-only or without its locks; leave it out, e.g. {example}")
+    return Path(name)  # a relative name is relative to the working folder, for SQLite too
+
+
+_PYSQLITE = SQLiteDialect_pysqlite()
+# SQLite URI parameters that would stop a store from being written safely -> the values that are harmless.
+_UNSAFE_URI_PARAMS = {"mode": ("rw", "rwc"), "immutable": ("0", "false", "no", "off"),
+                      "nolock": ("0", "false", "no", "off"), "vfs": ("unix",)}
+
+
+def _uri_filename(name: str, where: str) -> tuple[str, dict]:
+    """The file and the parameters of a SQLite URI filename (https://sqlite.org/uri.html): file:PATH,
+    file:///PATH or file://localhost/PATH, percent-decoded, with ?KEY=VALUE parameters (lower-cased keys)."""
+    rest = name[len("file:"):].partition("#")[0]
+    rest, _, query = rest.partition("?")
+    if rest.startswith("//"):
+        authority, _, path = rest[2:].partition("/")
+        if authority not in ("", "localhost"):
+            raise UserError(f"{where}: SQLite opens no file on another host ({authority}); name a local file")
+        rest = "/" + path
+    return unquote(rest), {k.lower(): v.lower() for k, v in parse_qsl(query, keep_blank_values=True)}
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two database paths are one file: one resolved path, or (existing) one inode, e.g. a bind mount."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
 
 
 # Tables only Optuna's storage has, and tables only MLflow's tracking store has: a file holding the other's is
@@ -119,6 +170,11 @@ def check_sqlite(url: str, flag: str) -> Path | None:
         raise UserError(f"{where}: {parent} is not a folder; name a file in a folder")
     if not path.exists():
         return path
+    if path.stat().st_nlink > 1:
+        # SQLite names its journal after the path it was given: writers through two links would not see each
+        # other's journal and corrupt the database (https://sqlite.org/howtocorrupt.html, 2.5), nor share a lock.
+        raise UserError(f"{where}: {path} has {path.stat().st_nlink} hard links, so two names could write it at "
+                        "once and corrupt it; copy it to a file of its own (cp) and pass that")
     try:
         with open(path, "rb") as head:
             header = head.read(16)
@@ -221,8 +277,10 @@ class LocalLock:
     def __init__(self, *urls: str):
         flags = ("--storage", "--tracking-uri")
         # Resolved, so two spellings of one file (a relative path, a symlink) take the same lock.
+        # A lock file beside the resolved path: spellings the file system equates (a bind mount, a case-insensitive
+        # disk) equate their lock files too; hard links are refused by check_sqlite.
         paths = [path.resolve() for url, flag in zip(urls, flags) if (path := check_sqlite(url, flag)) is not None]
-        if len(set(paths)) < len(paths):
+        if len(paths) == 2 and same_file(*paths):
             raise UserError(f"--storage and --tracking-uri name the same file {paths[0]}; Optuna and MLflow each need "
                             "their own, e.g. sqlite:///optuna.db and sqlite:///mlflow.db")
         self.locks = [filelock.FileLock(f"{path}.lock") for path in paths]
