@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from harness.errors import UserError
+from harness.redaction import guard
 from harness.study.stores import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, HEARTBEAT, STALE_AFTER
 
 ABLATE_DEFAULTS = {"storage": DEFAULT_STORAGE, "tracking_uri": DEFAULT_TRACKING_URI, "runs_dir": "runs",
@@ -435,8 +436,15 @@ def _quiet_libraries(command: str) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet_libraries(args.command)
+    # Every line printed from here on, by the harness or a library, and any traceback, has the secrets it was
+    # given masked (harness.redaction), argparse's own errors included.
+    with guard(sys.argv[1:] if argv is None else argv):
+        args = build_parser().parse_args(argv)
+        _quiet_libraries(args.command)
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
     except UserError as err:

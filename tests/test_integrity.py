@@ -32,6 +32,7 @@ def in_tmp(tmp_path, monkeypatch):
 
 def refused(capsys, *argv) -> str:
     """The error line of a command that must be refused: exit 2, one line on stderr, no traceback."""
+    capsys.readouterr()  # what the test's own setup logged
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     assert code == 2, (code, out, err)
@@ -124,3 +125,244 @@ def test_a_store_with_two_hard_links_is_refused(tmp_path):
     for url in ("sqlite:///optuna.db", "sqlite:///other-name.db"):
         with pytest.raises(UserError, match="has 2 hard links"):
             check_sqlite(url, "--storage")
+
+
+# --- 4. secrets in any text the harness prints ------------------------------------------------------------
+# Class: a secret the harness was given (a URL's password on its command line or in MLFLOW_TRACKING_URI, libpq's
+# ?password=, PGPASSWORD, MLflow's credentials, ~/.pgpass), in any spelling (percent-encoded or not), printed by
+# any path: a print, a logging handler made before the command started, a warning, a traceback of the main thread
+# or another one, a write split in two, a child process.
+SECRET = "Sup3r-Secr3t"
+
+
+def guarded_output(capsys, emit, argv=(), environ=None) -> str:
+    from harness.redaction import guard
+
+    with guard(list(argv), environ or {}):
+        emit()
+    out, err = capsys.readouterr()
+    return out + err
+
+
+@pytest.mark.parametrize("secret, argv, environ", [
+    (SECRET, ["--tracking-uri", f"http://alice:{SECRET}@db-host:5000"], {}),
+    (SECRET + "@/#", ["--storage", f"postgresql://u:{quote(SECRET + '@/#', safe='')}@h/db"], {}),
+    (SECRET, ["--storage", f"postgresql://u@h/db?sslmode=require&password={SECRET}"], {}),
+    (SECRET, [], {"PGPASSWORD": SECRET}),
+    (SECRET, [], {"MLFLOW_TRACKING_PASSWORD": SECRET}),
+    (SECRET, [], {"MLFLOW_TRACKING_URI": f"https://bob:{SECRET}@mlflow.example"}),
+])
+def test_every_secret_given_is_masked_on_every_output_path(capsys, secret, argv, environ):
+    import logging
+    import sys
+    import threading
+    import traceback
+    import warnings
+
+    handler = logging.StreamHandler(sys.stderr)  # made before the command: keeps the stream it was given
+    logger = logging.getLogger("some.library")
+    logger.addHandler(handler)
+    secret_forms = [secret, quote(secret, safe="")]
+
+    def emit():
+        print(f"a message naming {secret} and {quote(secret, safe='')}")
+        sys.stderr.write(secret[:5])
+        sys.stderr.write(secret[5:] + " split over two writes\n")
+        logger.warning("the library's log: %s", secret)
+        warnings.warn(f"a warning holding {secret}", stacklevel=1)
+        try:
+            raise RuntimeError(f"a library's error: connect to http://alice:{secret}@db-host failed")
+        except RuntimeError:
+            sys.excepthook(*sys.exc_info())  # what the interpreter does with an uncaught one
+        thread = threading.Thread(target=lambda: (_ for _ in ()).throw(ValueError(secret)))
+        thread.start()
+        thread.join()
+        print(traceback.format_exc())
+
+    try:
+        text = guarded_output(capsys, emit, argv, environ)
+    finally:
+        logger.removeHandler(handler)
+    assert "split over two writes" in text and "a library's error" in text and "ValueError" in text
+    assert not [form for form in secret_forms if form in text], text
+
+
+def test_a_password_in_the_pgpass_file_is_masked(capsys, tmp_path):
+    (tmp_path / "pgpass").write_text(f"db-host:5432:*:harness:{SECRET}\n")
+    text = guarded_output(capsys, lambda: print(f"driver said: password {SECRET} rejected"),
+                          environ={"PGPASSFILE": str(tmp_path / "pgpass")})
+    assert SECRET not in text and "rejected" in text
+
+
+def print_secret_from_argv(conn):
+    """A child process's target: prints the password of the URL in its (inherited) sys.argv."""
+    import sys
+
+    url = next(a for a in sys.argv if "@" in a)
+    print(f"child stdout: {url}", flush=True)
+    print(f"child stderr: {url.split(':')[2].split('@')[0]}", file=sys.stderr, flush=True)
+    conn.close()
+
+
+def test_a_child_process_masks_its_parents_secrets(capfd, monkeypatch):
+    import sys
+
+    from harness.study.processes import Child
+
+    monkeypatch.setattr(sys, "argv", [*sys.argv, f"--tracking-uri=http://alice:{SECRET}@db-host"])
+    child = Child(print_secret_from_argv, (), "printer")
+    child.process.join(60)
+    out, err = capfd.readouterr()
+    assert "child stdout: --tracking-uri=http://alice:***@db-host" in out and "child stderr: ***" in err, (out, err)
+    assert SECRET not in out + err
+
+
+@pytest.mark.slow
+def test_a_secret_in_mlflows_own_exception_never_reaches_the_terminal(tmp_path, monkeypatch, test_corpus):
+    """End to end: `harness ablate` on a tracking server that answers /health and drops every API request, so
+    MLflow raises with the URL (and its password) in its message."""
+    import socket
+    import threading
+
+    from helpers import run_harness, tiny_study
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                if conn.recv(65536).startswith(b"GET /health"):
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nOK")
+
+    threading.Thread(target=serve, daemon=True).start()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.setenv("PGPASSWORD", SECRET + "-pg")
+    study = tiny_study(tmp_path, test_corpus)
+    uri = f"http://alice:{SECRET}@127.0.0.1:{server.getsockname()[1]}"
+    try:
+        proc = run_harness("ablate", study.path, "--devices", "cpu", "--tracking-uri", uri, cwd=tmp_path, check=False,
+                           timeout=300)
+    finally:
+        server.close()
+    assert proc.returncode != 0 and "alice:***@127.0.0.1" in proc.stdout + proc.stderr, proc.stderr
+    assert SECRET not in proc.stdout + proc.stderr
+
+
+# --- 2. another's experiment or Optuna study of the same name ----------------------------------------------
+# Class: a store object that has the study's name but was not made by the harness: an MLflow experiment without
+# the study's tags (MLflow's own "Default" included), an Optuna study with trials or attributes of its own, or one
+# that maximizes. Refused in one line before either store is written.
+def stores(folder: Path) -> tuple[str, str]:
+    """Absolute store URLs (MLflow caches a store per URL text within a process, and tests change folders)."""
+    return f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def study_refused(capsys, command, study) -> str:
+    storage, uri = stores(study.path.parent)
+    extra = ["--devices", "cpu"] if command == "ablate" else []
+    return refused(capsys, command, study.path, "--storage", storage, "--tracking-uri", uri, *extra)
+
+
+def optuna_names(path: Path) -> list:
+    import optuna
+
+    return optuna.get_all_study_names(f"sqlite:///{path}") if path.exists() else []
+
+
+@pytest.mark.parametrize("name", ["tiny", "Default"])
+def test_an_mlflow_experiment_the_harness_did_not_make_is_refused(tmp_path, capsys, test_corpus, name):
+    from mlflow import MlflowClient
+
+    from helpers import tiny_study
+
+    study = tiny_study(tmp_path, test_corpus, edits=[('name = "tiny"', f'name = "{name}"')])
+    client = MlflowClient(stores(tmp_path)[1])
+    if name != "Default":  # MLflow makes "Default" in every store
+        client.create_experiment(name, tags={"owner": "someone else"})
+    message = study_refused(capsys, "ablate", study)
+    assert "a study of this name exists that this harness did not make" in message
+    assert f"(the MLflow experiment {name!r} at {stores(tmp_path)[1]})" in message and "another study.name" in message
+    experiment = client.get_experiment_by_name(name)
+    assert "study_digest" not in experiment.tags and not client.search_runs([experiment.experiment_id])
+    assert optuna_names(tmp_path / "optuna.db") == []
+
+
+@pytest.mark.parametrize("foreign", ["with a trial", "with attributes", "maximizing"])
+def test_an_optuna_study_the_harness_did_not_make_is_refused(tmp_path, capsys, test_corpus, foreign):
+    import optuna
+
+    from helpers import tiny_study
+
+    study = tiny_study(tmp_path, test_corpus)
+    name = "tiny/weight_only/confirm"  # the last of the study's names: nothing may be written before it is seen
+    theirs = optuna.create_study(storage=stores(tmp_path)[0], study_name=name,
+                                 direction="maximize" if foreign == "maximizing" else "minimize")
+    if foreign == "with a trial":
+        theirs.add_trial(optuna.trial.create_trial(value=1.0))
+    if foreign == "with attributes":
+        theirs.set_user_attr("owner", "someone else")
+    message = study_refused(capsys, "ablate", study)
+    assert "this harness did not make" in message and f"(the Optuna study {name!r} in {stores(tmp_path)[0]})" in message
+    assert optuna_names(tmp_path / "optuna.db") == [name]
+
+
+def test_an_empty_unmarked_optuna_study_is_the_harness_own_after_a_crash(tmp_path, test_corpus):
+    """Optuna's create_study and the harness's first attribute are two writes: a crash between them leaves an
+    empty minimizing study, which is taken as the harness's own."""
+    import optuna
+
+    from harness.study.ledger.storage import open_storage
+    from harness.study.ledger.writer import Ledger
+    from helpers import tiny_study
+
+    study = tiny_study(tmp_path, test_corpus)
+    optuna.create_study(storage=stores(tmp_path)[0], study_name="tiny/locked_only/search")
+    ledger = Ledger(study, open_storage(stores(tmp_path)[0]), study.identity(), log=lambda *a: None)
+    assert ledger.tally("locked_only", "search").waiting == 2
+
+
+# --- 9. stores edited by people -----------------------------------------------------------------------------
+# Class: the study's MLflow experiment deleted or renamed in the UI, a run's tags edited: one line naming what was
+# changed and how to restore it, from `ablate` and `report` alike.
+def made_experiment(study) -> str:
+    from harness.study.tracking import Tracker
+
+    return Tracker(stores(study.path.parent)[1], study, study.identity(), {"study": study.name}).experiment_id
+
+
+@pytest.mark.parametrize("command", ["ablate", "report"])
+def test_a_deleted_experiment_is_one_line_with_the_restore_command(tmp_path, capsys, test_corpus, command):
+    from mlflow import MlflowClient
+
+    from helpers import tiny_study
+
+    study = tiny_study(tmp_path, test_corpus)
+    experiment_id = made_experiment(study)
+    uri = stores(tmp_path)[1]
+    MlflowClient(uri).delete_experiment(experiment_id)
+    message = study_refused(capsys, command, study)
+    assert (f"the MLflow experiment 'tiny' at {uri} is deleted (experiment {experiment_id}, with its runs); restore "
+            f"it: MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {experiment_id}") in message
+    assert optuna_names(tmp_path / "optuna.db") == []
+
+
+@pytest.mark.parametrize("command", ["ablate", "report"])
+def test_a_renamed_experiment_is_one_line_with_the_rename_back(tmp_path, capsys, test_corpus, command):
+    from mlflow import MlflowClient
+
+    from helpers import tiny_study
+
+    study = tiny_study(tmp_path, test_corpus)
+    experiment_id = made_experiment(study)
+    uri = stores(tmp_path)[1]
+    MlflowClient(uri).rename_experiment(experiment_id, "my tiny study")
+    message = study_refused(capsys, command, study)
+    assert (f"the MLflow experiment 'tiny' at {uri} was renamed to 'my tiny study' (experiment {experiment_id}); "
+            f"rename it back: MLFLOW_TRACKING_URI={uri} mlflow experiments rename --experiment-id {experiment_id} "
+            "--new-name tiny") in message
+    assert sorted(e.name for e in MlflowClient(uri).search_experiments()) == ["Default", "my tiny study"]

@@ -24,7 +24,7 @@ from harness.study.rules import CONFIRM, PHASES, SEARCH, RunState, optuna_name
 from harness.study.scheduler import ENVIRONMENT, Outcome, Scheduler, Slot, Task, describe_slots, device_name
 from harness.study.spec import StudyConfig
 from harness.study.stores import HEARTBEAT, LocalLock, check_tracking, redact
-from harness.study.tracking import Tracker, git_commit, package_versions
+from harness.study.tracking import Tracker, check_experiment, git_commit, package_versions
 from harness.train import EpochResult, check_splits
 
 POLL_SECONDS = 5  # how often an idle coordinator looks for retries and confirmation seeds left by other machines
@@ -270,6 +270,7 @@ def run_study(study: StudyConfig, *, storage: str, tracking_uri: str, slots: lis
     check_tracking(tracking_uri)
     identity = study.identity(corpus.md5, find_split_files(corpus.path))
     with LocalLock(storage, tracking_uri):
+        check_experiment(tracking_uri, study, identity)  # before the ledger writes: a refusal leaves both as they were
         ledger = Ledger(study, open_storage(storage, heartbeat), identity, log=log)
         tracker = Tracker(tracking_uri, study, identity, {
             "study": study.name, "git_commit": git_commit(), "corpus": corpus.name, "versions": package_versions(),

@@ -19,38 +19,20 @@ import sqlalchemy
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 
 from harness.errors import UserError
+from harness.redaction import SECRET_QUERY_KEYS, password_span
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"  # the Optuna storage of `ablate`, `report` and `make dashboard`
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the MLflow store of `ablate`, `report` and `make ui`
 CONNECT_TIMEOUT = 5  # seconds; without it an unreachable host hangs for TCP's minutes of retries
 HEARTBEAT = 30  # seconds between heartbeats of a running trial on a shared storage
 STALE_AFTER = 4  # heartbeats missed before a trial counts as stale: its machine or coordinator is gone
-SECRET_QUERY_KEYS = ("password", "sslpassword")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def _password_span(url: str) -> tuple[int, int] | None:
-    """Start and end of the password in scheme://user:password@host..., or None.
-
-    Not URL parsing: a password may hold any character ('#', '/', '?', '@', ...), and parsers stop at the first
-    of those. The user ends at the first ':' after '://' (after the start of the text when there is no scheme,
-    e.g. a mistyped URL), the password at the last '@' of the whole string: this masks too much rather than too
-    little when '@' also appears after the host.
-    """
-    scheme = _SCHEME.match(url)
-    at = url.rfind("@")
-    if at < 0:
-        return None
-    colon = url.find(":", scheme.end() if scheme else 0, at)
-    if colon < 0:
-        return None
-    return colon + 1, at
 
 
 def redact(url: str) -> str:
     """The URL with its password masked, for messages, tags and reports: postgresql://user:***@host/db."""
     url = str(url)
-    span = _password_span(url)
+    span = password_span(url)
     if span is not None:
         url = url[: span[0]] + "***" + url[span[1]:]
     # libpq also takes ?password=... (and &sslpassword=...), up to the next '&' whatever it holds ('#' too)
@@ -63,7 +45,7 @@ _SECRET_QUERY = re.compile(rf"([?&](?:{'|'.join(SECRET_QUERY_KEYS)})=)[^&]*", re
 def scrub(text: str, url: str) -> str:
     """Text (e.g. a driver's error) with the URL redacted and its password masked wherever else it appears."""
     text = str(text).replace(url, redact(url))
-    span = _password_span(url)
+    span = password_span(url)
     secrets = [url[span[0]: span[1]]] if span is not None else []
     secrets += [m.group(0).split("=", 1)[1] for m in _SECRET_QUERY.finditer(url)]
     for secret in secrets:
@@ -76,7 +58,7 @@ def scrub(text: str, url: str) -> str:
 def check_password(url: str, flag: str) -> None:
     """UserError when the URL's password holds a raw '@': SQLAlchemy would end the password there and take the
     rest for the host, which its errors then show (the message gives the URL masked, never the password)."""
-    span = _password_span(url)
+    span = password_span(url)
     if span is not None and "@" in url[span[0]: span[1]]:
         raise UserError(f"{flag} {redact(url)}: the password holds '@', which ends a password in a URL; write it "
                         "as %40 (percent-encode it), or leave it out of the URL and set PGPASSWORD")

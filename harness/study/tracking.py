@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import LifecycleStage, Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 
 from harness.config import RunConfig
@@ -84,13 +84,45 @@ def ui_command(uri: str) -> str:
     return f"{make}  (or: mlflow ui --backend-store-uri {shlex.quote(redact(uri))})"
 
 
+def _study_experiment(client: MlflowClient, uri: str, study: StudyConfig, identity: StudyIdentity):
+    """The study's MLflow experiment (None when there is none yet); UserError when this study may not write it or
+    read it: made by someone else or by another version of the study file (StudyIdentity.mismatch), deleted, or
+    renamed (its study_digest tag found under another name)."""
+    where = f"the MLflow experiment {study.name!r} at {redact(uri)}"
+    env = f"MLFLOW_TRACKING_URI={shlex.quote(redact(uri))}"
+    experiment = client.get_experiment_by_name(study.name)
+    if experiment is None:
+        # The digest hashes the study file, its name included: another experiment holding it is this one renamed.
+        found = client.search_experiments(view_type=ViewType.ALL,
+                                          filter_string=f"tags.study_digest = '{identity.study_digest}'")
+        if found:
+            moved = found[0]
+            raise UserError(f"{where} was renamed to {moved.name!r} (experiment {moved.experiment_id}); rename it "
+                            f"back: {env} mlflow experiments rename --experiment-id {moved.experiment_id} "
+                            f"--new-name {shlex.quote(study.name)}")
+        return None
+    if experiment.lifecycle_stage == LifecycleStage.DELETED:
+        raise UserError(f"{where} is deleted (experiment {experiment.experiment_id}, with its runs); restore it: {env} "
+                        f"mlflow experiments restore --experiment-id {experiment.experiment_id}; or give the study "
+                        "file another study.name")
+    problem = identity.mismatch(experiment.tags)
+    if problem:
+        raise UserError(f"{problem} ({where})")
+    return experiment
+
+
+def check_experiment(uri: str, study: StudyConfig, identity: StudyIdentity) -> None:
+    """UserError, writing nothing, when the study's MLflow experiment is not this study's to write."""
+    _study_experiment(MlflowClient(tracking_uri=uri), uri, study, identity)
+
+
 class Tracker:
     """Writes one study's runs to MLflow; refuses an experiment recorded under another identity."""
 
     def __init__(self, uri: str, study: StudyConfig, identity: StudyIdentity, common_tags: dict):
         self.client = MlflowClient(tracking_uri=uri)
         self.study, self.common_tags = study, common_tags
-        experiment = self.client.get_experiment_by_name(study.name)
+        experiment = _study_experiment(self.client, uri, study, identity)
         if experiment is None:
             try:
                 self.experiment_id = self.client.create_experiment(
@@ -100,11 +132,8 @@ class Tracker:
             except MlflowException as err:
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-                experiment = self.client.get_experiment_by_name(study.name)  # another machine made it just now
+                experiment = _study_experiment(self.client, uri, study, identity)  # another machine made it just now
         if experiment is not None:
-            problem = identity.mismatch(experiment.tags)
-            if problem:
-                raise UserError(f"{problem} (the MLflow experiment {study.name!r} at {redact(uri)})")
             self.experiment_id = experiment.experiment_id
             for key, value in {**identity.as_attrs(), **EXPERIMENT_KIND}.items():
                 if not experiment.tags.get(key):
@@ -221,13 +250,8 @@ def _int(value) -> int | None:
 def find_experiment(uri: str, study: StudyConfig) -> str | None:
     """The id of the study's experiment at uri, None when there is none; UserError when it belongs to another
     version of the study file."""
-    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(study.name)
-    if experiment is None:
-        return None
-    problem = study.identity().mismatch(experiment.tags)
-    if problem:
-        raise UserError(f"{problem} (the MLflow experiment {study.name!r} at {redact(uri)})")
-    return experiment.experiment_id
+    experiment = _study_experiment(MlflowClient(tracking_uri=uri), uri, study, study.identity())
+    return None if experiment is None else experiment.experiment_id
 
 
 def read_child_runs(uri: str, experiment_id: str) -> list[dict]:
