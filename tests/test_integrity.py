@@ -366,3 +366,87 @@ def test_a_renamed_experiment_is_one_line_with_the_rename_back(tmp_path, capsys,
             f"rename it back: MLFLOW_TRACKING_URI={uri} mlflow experiments rename --experiment-id {experiment_id} "
             "--new-name tiny") in message
     assert sorted(e.name for e in MlflowClient(uri).search_experiments()) == ["Default", "my tiny study"]
+
+
+# --- 3. the corpus edited while a study runs; 10. summaries written once ------------------------------------
+def copied_corpus(test_corpus: str, folder: Path) -> Path:
+    """The test corpus's split files copied into folder (without MD5SUMS: the study's identity is the check)."""
+    import shutil
+
+    from harness.data import find_split_files, load_corpus
+
+    folder.mkdir()
+    for split, path in find_split_files(load_corpus(test_corpus, log=lambda *a: None).path).items():
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def summary_histories(uri: str) -> dict:
+    """(parent run, metric) -> [(step, value)] of the tiny study's parent runs."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tiny")
+    parents = client.search_runs([experiment.experiment_id], "tags.kind = 'variant'")
+    return {(run.info.run_name, key): sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+            for run in parents for key in run.data.metrics}
+
+
+@pytest.mark.slow
+def test_a_corpus_edited_during_a_study_stops_it_and_loses_nothing(tmp_path, test_corpus):
+    """End to end: the train file is edited after the first trial ends; the next trial to load it stops the study
+    with one line, the finished trial is kept, and once the file is restored the same command completes the study.
+    Run again, it writes no summary twice (item 10)."""
+    import subprocess
+    import sys
+
+    import optuna
+    from mlflow import MlflowClient
+
+    from helpers import run_harness, tiny_study
+
+    corpus = copied_corpus(test_corpus, tmp_path / "corpus")
+    train = next(p for p in corpus.iterdir() if "train" in p.name)
+    original = train.read_bytes()
+    study = tiny_study(tmp_path, str(corpus), seeds="[1]")
+    storage, uri = stores(tmp_path)
+    argv = [sys.executable, "-m", "harness", "ablate", str(study.path), "--devices", "cpu", "--trials-per-device", "1",
+            "--storage", storage, "--tracking-uri", uri]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the live view's lines: "[00:00:12] finished locked_only/search/0 on cpu ..."
+        if " finished " in line:
+            train.write_bytes(original + b" an edited line\n")
+            break
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("error: stopped: a trial failed for a reason outside it"), err
+    assert f"the corpus changed since this study started: {train} (MD5 " in err and "restore the file" in err
+    trials = [t for name in optuna.get_all_study_names(storage)
+              for t in optuna.load_study(study_name=name, storage=storage).trials]
+    assert any(t.state == optuna.trial.TrialState.COMPLETE for t in trials)  # kept
+    stopped = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert stopped and all(t.user_attrs["interrupted"] and t.user_attrs["retried"] for t in stopped)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], "tags.kind = 'run'")
+    recorded = study.identity(load_md5(corpus, original)).as_attrs()["corpus_md5"]
+    assert {r.data.tags["corpus_md5"] for r in runs} == {recorded}  # every run trained on the study's text
+
+    train.write_bytes(original)
+    run_harness(*argv[3:], cwd=tmp_path, timeout=600)
+    done = [t for name in optuna.get_all_study_names(storage)
+            for t in optuna.load_study(study_name=name, storage=storage).trials
+            if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 2 * 2 + 2  # both variants' search budgets and their confirmation seed
+    first = summary_histories(uri)
+    assert first and all(len({step for step, _ in h}) == len(h) for h in first.values()), first
+    run_harness(*argv[3:], cwd=tmp_path, timeout=600)
+    assert summary_histories(uri) == first
+
+
+def load_md5(corpus: Path, train_bytes: bytes) -> dict:
+    """split -> MD5 of the corpus with this train file content."""
+    from harness.data import find_split_files
+
+    files = find_split_files(corpus)
+    return {split: hashlib.md5(train_bytes if split == "train" else path.read_bytes()).hexdigest()
+            for split, path in files.items()}

@@ -111,7 +111,7 @@ class Coordinator:
         checkpoints = self.runs_dir / self.study.name / claim.variant / claim.phase / f"trial-{claim.number}"
         # A claimed trial is always new (a retry gets a new number): what its folder holds is another run's.
         return Task(claim.key, config, str(checkpoints), prunable=claim.phase == SEARCH,
-                    evaluate_test=claim.phase == CONFIRM, resume=False)
+                    evaluate_test=claim.phase == CONFIRM, resume=False, identity=self.ledger.identity)
 
     # --- what happened --------------------------------------------------------------------------------
     def on_start(self, task: Task, slot: Slot) -> None:

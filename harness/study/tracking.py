@@ -192,9 +192,7 @@ class Tracker:
         fields that were measured, or only `seconds` for a run that did not finish."""
         now = _now_ms()
         values = dataclasses.asdict(result) if result is not None else {"seconds": seconds}
-        metrics = [Metric(k, float(v), now, 0) for k, v in values.items() if v is not None]
-        tags = [RunTag("state", state)] + ([RunTag("fail_reason", reason[-5000:])] if reason else [])
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        self._write_summary(run_id, values, {"state": state, **({"fail_reason": reason[-5000:]} if reason else {})})
         if state in NAME_SUFFIX:
             name = self.client.get_run(run_id).info.run_name
             if not name.endswith(NAME_SUFFIX[state]):
@@ -215,12 +213,18 @@ class Tracker:
 
     def summarize_variant(self, variant: str, metrics: dict, tags: dict) -> None:
         """Headline numbers on the parent run (best search value, confirmation mean)."""
-        run_id = self.parent_run(variant)
-        now = _now_ms()
+        self._write_summary(self.parent_run(variant), metrics, tags)
+
+    def _write_summary(self, run_id: str, metrics: dict, tags: dict) -> None:
+        """Summary metrics and tags of a run, written once: only those missing or changed are logged (a resumed or
+        re-run study writes nothing twice); a changed metric gets the next step, so no step holds two values."""
+        now, data = _now_ms(), self.client.get_run(run_id).data
+        changed = {k: float(v) for k, v in metrics.items() if v is not None and data.metrics.get(k) != float(v)}
         self.client.log_batch(
             run_id,
-            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None],
-            tags=[RunTag(k, str(v)) for k, v in tags.items()],
+            metrics=[Metric(k, v, now, len(self.client.get_metric_history(run_id, k)) if k in data.metrics else 0)
+                     for k, v in changed.items()],
+            tags=[RunTag(k, str(v)) for k, v in tags.items() if data.tags.get(k) != str(v)],
         )
 
     def close_stale_runs(self) -> int:
