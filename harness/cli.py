@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -217,26 +218,50 @@ def _tool(name: str) -> str:
     return found
 
 
+def _serve(name: str, argv: list) -> int:
+    """Run the console tool `name` until it ends (Ctrl-C, SIGTERM), its output through this command's redaction
+    (harness.redaction): the store URL it is given may hold a password, and its errors may print it."""
+    tool = subprocess.Popen([_tool(name), *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace")
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for line in tool.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        tool.terminate()  # a terminal's Ctrl-C reached it too; a SIGTERM sent to this process alone did not
+    finally:
+        try:
+            tool.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            tool.kill()
+            tool.wait()
+    return 0 if tool.returncode in (0, -signal.SIGTERM, -signal.SIGINT) else tool.returncode
+
+
 def cmd_ui(args) -> int:
-    """The MLflow UI on the study's tracking store (replaces this process)."""
+    """The MLflow UI on the study's tracking store, until Ctrl-C."""
     from harness.study.stores import check_tracking, redact
 
     check_tracking(args.tracking_uri)
     print(f"MLflow UI on http://{args.host}:{args.port} for {redact(args.tracking_uri)} (Ctrl-C stops it)", flush=True)
-    os.execv(_tool("mlflow"), ["mlflow", "ui", "--backend-store-uri", args.tracking_uri, "--host", args.host,
-                               "--port", str(args.port)])
+    return _serve("mlflow", ["ui", "--backend-store-uri", args.tracking_uri, "--host", args.host,
+                             "--port", str(args.port)])
 
 
 def cmd_dashboard(args) -> int:
-    """optuna-dashboard on the study's Optuna storage (replaces this process)."""
+    """optuna-dashboard on the study's Optuna storage, until Ctrl-C."""
     from harness.study.ledger.storage import check_storage
     from harness.study.stores import redact
 
     check_storage(args.storage)
     print(f"optuna-dashboard on http://{args.host}:{args.port} for {redact(args.storage)} (Ctrl-C stops it)",
           flush=True)
-    os.execv(_tool("optuna-dashboard"), ["optuna-dashboard", args.storage, "--host", args.host,
-                                         "--port", str(args.port)])
+    return _serve("optuna-dashboard", [args.storage, "--host", args.host, "--port", str(args.port)])
 
 
 def cmd_masks(args) -> int:

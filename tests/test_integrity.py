@@ -442,6 +442,15 @@ def test_a_corpus_edited_during_a_study_stops_it_and_loses_nothing(tmp_path, tes
     run_harness(*argv[3:], cwd=tmp_path, timeout=600)
     assert summary_histories(uri) == first
 
+    # Item 9's example: a seed tag edited in the MLflow UI; the report is written, reading the run's params.
+    confirm = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                                 "tags.kind = 'run' and tags.phase = 'confirm' and attributes.status = 'FINISHED'")
+    client.set_tag(confirm[0].info.run_id, "seed", "1 (rerun)")
+    report = run_harness("report", study.path, "--storage", storage, "--tracking-uri", uri, "--out", "reports",
+                         cwd=tmp_path, check=False)
+    assert report.returncode == 0 and "Traceback" not in report.stderr, report.stderr
+    assert "tag seed = '1 (rerun)' was edited (the run's params say 1); using 1" in report.stdout
+
 
 def load_md5(corpus: Path, train_bytes: bytes) -> dict:
     """split -> MD5 of the corpus with this train file content."""
@@ -450,3 +459,91 @@ def load_md5(corpus: Path, train_bytes: bytes) -> dict:
     files = find_split_files(corpus)
     return {split: hashlib.md5(train_bytes if split == "train" else path.read_bytes()).hexdigest()
             for split, path in files.items()}
+
+
+# Class (continued): a child run edited in the MLflow UI: a tag that duplicates a param (seed, variant), a state that
+# contradicts the run's status, a tag that no longer parses (trial, attempt), an edited phase or kind, a deleted run.
+# The report reads what the run's unchangeable parts say and names each change with its restore.
+def test_edited_or_deleted_child_runs_are_read_from_what_cannot_change(tmp_path, test_corpus):
+    from mlflow import MlflowClient
+
+    from harness.study.rules import RunState
+    from harness.study.tracking import Tracker, read_child_runs
+    from harness.train import RunResult
+    from helpers import tiny_study
+
+    study = tiny_study(tmp_path, test_corpus)
+    uri = stores(tmp_path)[1]
+    tracker = Tracker(uri, study, study.identity(), {"study": study.name})
+    result = RunResult(150.0, 2, 140.0, 4.9, None, 3.0, 2)
+    ids = []
+    for number, seed in enumerate((1, 2, 3, 4)):
+        config = study.run_config("locked_only", {"train.seed": seed})
+        run_id = tracker.start_run(config, f"locked_only confirm #{number} seed {seed}", {
+            "phase": "confirm", "trial": number, "seed": seed, "attempt": 1, "optuna_study": "tiny/locked_only/confirm"})
+        tracker.finish(run_id, RunState.FINISHED if number != 3 else RunState.FAILED, result=result, reason="")
+        ids.append(run_id)
+    client = MlflowClient(uri)
+    client.set_tag(ids[0], "seed", "1 (rerun)")
+    client.set_tag(ids[1], "trial", "one")
+    client.set_tag(ids[1], "phase", "confirmation")
+    client.delete_run(ids[2])
+    client.set_tag(ids[3], "state", "finished")  # a failed run passed off as finished
+    client.set_tag(ids[3], "kind", "mine")
+    said = []
+    rows = {row["run_id"]: row for row in read_child_runs(uri, tracker.experiment_id, log=said.append)}
+    assert set(rows) == set(ids)  # the deleted run and the one whose kind was edited are still read
+    assert rows[ids[0]]["seed"] == 1 and rows[ids[1]]["trial"] is None and rows[ids[1]]["phase"] == "confirm"
+    assert rows[ids[3]]["state"] == RunState.FAILED and rows[ids[2]]["seed"] == 3
+    text = "\n".join(said)
+    assert f"MLflow run {ids[0]} (locked_only confirm #0 seed 1): tag seed = '1 (rerun)' was edited (the run's " \
+           "params say 1); using 1; set it back to 1 in the MLflow UI" in text
+    assert "tag trial = 'one' was edited and is not a number" in text
+    assert "tag phase = 'confirmation' was edited; using confirm" in text
+    assert f"deleted; the report still reads it; restore it: MLFLOW_TRACKING_URI={uri} mlflow runs restore " \
+           f"--run-id {ids[2]}" in text
+    assert "tag state = 'finished' was edited (its MLflow status is FAILED); using failed" in text
+    assert "tag kind = 'mine' was edited" in text
+    assert len(said) == 6
+
+
+@pytest.mark.parametrize("command", ["ui", "dashboard"])
+def test_a_tool_the_harness_starts_has_its_output_masked(tmp_path, capsys, monkeypatch, command):
+    """`harness ui` and `dashboard` run MLflow's UI and optuna-dashboard with the store URL and the environment
+    (PGPASSWORD): whatever they print passes through the same redaction."""
+    import harness.cli
+
+    tool = tmp_path / "tool"
+    tool.write_text('#!/bin/sh\necho "connecting with password $PGPASSWORD: refused" >&2\nexit 0\n')
+    tool.chmod(0o755)
+    monkeypatch.setattr(harness.cli, "_tool", lambda name: str(tool))
+    monkeypatch.setenv("PGPASSWORD", SECRET)
+    from harness.study.ledger.storage import open_storage
+
+    open_storage(f"sqlite:///{tmp_path / 'optuna.db'}").engine.dispose()
+    flag = {"ui": "--tracking-uri", "dashboard": "--storage"}[command]
+    assert main([command, flag, f"sqlite:///{tmp_path / ('optuna.db' if command == 'dashboard' else 'm.db')}"]) == 0
+    out, err = capsys.readouterr()
+    assert "connecting with password ***: refused" in out and SECRET not in out + err
+
+
+def test_runs_of_a_deleted_optuna_study_are_one_line_before_anything_is_run_again(tmp_path, capsys, test_corpus):
+    import optuna
+
+    from harness.study.ledger.storage import open_storage
+    from harness.study.ledger.writer import Ledger
+    from harness.study.tracking import Tracker
+    from helpers import tiny_study
+
+    study = tiny_study(tmp_path, test_corpus)
+    storage, uri = stores(tmp_path)
+    Ledger(study, open_storage(storage), study.identity(), log=lambda *a: None)
+    tracker = Tracker(uri, study, study.identity(), {"study": study.name})
+    tracker.start_run(study.run_config("weight_only"), "weight_only search #0", {
+        "phase": "search", "trial": 0, "seed": 1, "optuna_study": "tiny/weight_only/search"})
+    optuna.delete_study(study_name="tiny/weight_only/search", storage=storage)
+    before = sorted(optuna.get_all_study_names(storage))
+    message = study_refused(capsys, "ablate", study)
+    assert (f"the MLflow experiment 'tiny' at {uri} holds runs of the Optuna study tiny/weight_only/search, which "
+            f"{storage} does not hold: deleted (optuna delete-study)") in message
+    assert sorted(optuna.get_all_study_names(storage)) == before

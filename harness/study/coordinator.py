@@ -17,6 +17,7 @@ from harness.errors import UserError
 from harness.study import rules
 from harness.study.adequacy import judge_trials
 from harness.study.ledger.storage import open_storage
+from harness.study.ledger.studies import study_names
 from harness.study.ledger.writer import Claim, Ledger, TrialLost
 from harness.study.live import LiveView, format_params
 from harness.study.plan import CALIBRATION_SECONDS, plan_study
@@ -270,8 +271,10 @@ def run_study(study: StudyConfig, *, storage: str, tracking_uri: str, slots: lis
     check_tracking(tracking_uri)
     identity = study.identity(corpus.md5, find_split_files(corpus.path))
     with LocalLock(storage, tracking_uri):
-        check_experiment(tracking_uri, study, identity)  # before the ledger writes: a refusal leaves both as they were
-        ledger = Ledger(study, open_storage(storage, heartbeat), identity, log=log)
+        optuna_storage = open_storage(storage, heartbeat)
+        # Before the ledger writes: a refusal leaves both stores as they were.
+        check_experiment(tracking_uri, study, identity, study_names(optuna_storage), redact(storage))
+        ledger = Ledger(study, optuna_storage, identity, log=log)
         tracker = Tracker(tracking_uri, study, identity, {
             "study": study.name, "git_commit": git_commit(), "corpus": corpus.name, "versions": package_versions(),
             **identity.as_attrs(),

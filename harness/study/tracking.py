@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from harness.config import RunConfig
 from harness.errors import UserError
-from harness.study.rules import RunState
+from harness.study.rules import PHASES, RunState
 from harness.study.spec import StudyConfig, StudyIdentity
 from harness.study.stores import DEFAULT_TRACKING_URI, redact, sqlite_path
 from harness.train import EpochResult, RunResult
@@ -111,9 +111,29 @@ def _study_experiment(client: MlflowClient, uri: str, study: StudyConfig, identi
     return experiment
 
 
-def check_experiment(uri: str, study: StudyConfig, identity: StudyIdentity) -> None:
-    """UserError, writing nothing, when the study's MLflow experiment is not this study's to write."""
-    _study_experiment(MlflowClient(tracking_uri=uri), uri, study, identity)
+def check_experiment(uri: str, study: StudyConfig, identity: StudyIdentity, optuna_names: set, storage: str) -> None:
+    """UserError, writing nothing, when the study's MLflow experiment is not this study's to write, or holds runs of
+    Optuna studies that the storage (`storage`, its URL masked; `optuna_names`, the names it holds) no longer has:
+    deleted (optuna delete-study), or not the storage the study ran with. Recreated, they would run it all again."""
+    client = MlflowClient(tracking_uri=uri)
+    experiment = _study_experiment(client, uri, study, identity)
+    if experiment is None:
+        return
+    recorded, token = set(), None
+    while True:
+        page = client.search_runs([experiment.experiment_id], "tags.kind = 'run'", run_view_type=ViewType.ALL,
+                                  max_results=1000, page_token=token)
+        recorded |= {run.data.tags["optuna_study"] for run in page if run.data.tags.get("optuna_study")}
+        token = page.token
+        if not token:
+            break
+    missing = sorted(recorded - optuna_names)
+    if missing:
+        raise UserError(f"the MLflow experiment {study.name!r} at {redact(uri)} holds runs of the Optuna "
+                        f"stud{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)}, which {storage} does not "
+                        "hold: deleted (optuna delete-study), or not the --storage the study ran with; pass that "
+                        "storage or restore it from a backup (made again, they would run every trial again), or give "
+                        "the study file another study.name")
 
 
 class Tracker:
@@ -247,34 +267,95 @@ class Tracker:
 
 
 # --- reading, for the report ----------------------------------------------------------------------------
-def _int(value) -> int | None:
-    return int(value) if value not in (None, "") else None
-
-
 def find_experiment(uri: str, study: StudyConfig) -> str | None:
     """The id of the study's experiment at uri, None when there is none; UserError when it belongs to another
-    version of the study file."""
+    version of the study file, or was deleted or renamed."""
     experiment = _study_experiment(MlflowClient(tracking_uri=uri), uri, study, study.identity())
     return None if experiment is None else experiment.experiment_id
 
 
-def read_child_runs(uri: str, experiment_id: str) -> list[dict]:
-    """One record per child run: its tags (variant, phase, trial, seed, state, ...), params and result metrics."""
+def _parsed(raw, parse):
+    """(value, True) of a tag read with parse; (None, True) when absent; (None, False) when it does not parse."""
+    if raw in (None, ""):
+        return None, True
+    try:
+        return parse(raw), True
+    except (ValueError, TypeError):
+        return None, False
+
+
+def _status_state(run) -> RunState:
+    """The state MLflow's status (which the UI cannot edit) and the run's name give."""
+    if run.info.status == "KILLED":
+        return RunState.PRUNED if (run.info.run_name or "").endswith(NAME_SUFFIX[RunState.PRUNED]) \
+            else RunState.INTERRUPTED
+    return {"FINISHED": RunState.FINISHED, "FAILED": RunState.FAILED}.get(run.info.status, RunState.RUNNING)
+
+
+def _child_record(run, env: str) -> tuple[dict, list[str]]:
+    """One child run's record and what a person changed in it (each with its restore). A tag that duplicates a
+    param (variant, seed: MLflow never lets a param change) takes the param's value; a state tag that contradicts
+    the run's status takes the status's; a number that does not parse is left out."""
+    tags, params, metrics, found = run.data.tags, run.data.params, run.data.metrics, []
+
+    def tag(key, parse, truth=None):
+        value, ok = _parsed(tags.get(key), parse)
+        if truth is not None and (value != truth or not ok):
+            found.append(f"tag {key} = {tags.get(key)!r} was edited (the run's params say {truth}); using {truth}; "
+                         f"set it back to {truth} in the MLflow UI")
+            return truth
+        if not ok:
+            found.append(f"tag {key} = {tags.get(key)!r} was edited and is not a number; left out of the report")
+        return value
+
+    seed_param, _ = _parsed(params.get("train.seed"), int)
+    state, ok = _parsed(tags.get("state"), RunState)
+    status_state = _status_state(run)
+    if not ok or state is not None and MLFLOW_STATUS[state] != run.info.status:
+        found.append(f"tag state = {tags.get('state')!r} was edited (its MLflow status is {run.info.status}); using "
+                     f"{status_state}; set it back to {status_state} in the MLflow UI")
+        state = status_state
+    phase = tags.get("phase", "")
+    if phase not in PHASES:
+        recorded = tags.get("optuna_study", "").rsplit("/", 1)[-1]
+        found.append(f"tag phase = {phase!r} was edited; using {recorded or 'none'} (from its optuna_study tag); "
+                     "set it back in the MLflow UI")
+        phase = recorded if recorded in PHASES else ""
+    if run.info.lifecycle_stage == LifecycleStage.DELETED:
+        found.append(f"deleted; the report still reads it; restore it: {env} mlflow runs restore --run-id "
+                     f"{run.info.run_id}")
+    row = {
+        "run_id": run.info.run_id, "name": run.info.run_name, "variant": tag("variant", str, params.get("variant")),
+        "phase": phase, "trial": tag("trial", int), "seed": tag("seed", int, seed_param),
+        "attempt": tag("attempt", int), "state": state or RunState.RUNNING,
+        "fail_reason": tags.get("fail_reason", ""), "device": tags.get("device", ""),
+        "device_name": tags.get("device_name", ""), "versions": tags.get("versions", ""),
+        "git_commit": tags.get("git_commit", ""), "corpus": tags.get("corpus", ""),
+        "corpus_md5": tags.get("corpus_md5", ""), "end_time": run.info.end_time or 0,
+        "params": dict(params), **{k: metrics.get(k) for k in RESULT_METRICS},
+    }
+    return row, found
+
+
+def read_child_runs(uri: str, experiment_id: str, log=print) -> list[dict]:
+    """One record per child run, deleted ones included: its tags (variant, phase, trial, seed, state, ...), params
+    and result metrics; what people changed in a run is said through `log`, one line each, with how to restore it."""
     client, rows, token = MlflowClient(tracking_uri=uri), [], None
+    env = f"MLFLOW_TRACKING_URI={shlex.quote(redact(uri))}"
     while True:
-        page = client.search_runs([experiment_id], "tags.kind = 'run'", max_results=1000, page_token=token)
+        # Every run of the experiment: a child whose `kind` tag was edited is still one (MLflow's parent tag).
+        page = client.search_runs([experiment_id], "", run_view_type=ViewType.ALL, max_results=1000,
+                                  page_token=token)
         for run in page:
-            tags, metrics = run.data.tags, run.data.metrics
-            rows.append({
-                "run_id": run.info.run_id, "name": run.info.run_name, "variant": tags.get("variant", ""),
-                "phase": tags.get("phase", ""), "trial": _int(tags.get("trial")), "seed": _int(tags.get("seed")),
-                "attempt": _int(tags.get("attempt")), "state": tags.get("state", RunState.RUNNING),
-                "fail_reason": tags.get("fail_reason", ""), "device": tags.get("device", ""),
-                "device_name": tags.get("device_name", ""), "versions": tags.get("versions", ""),
-                "git_commit": tags.get("git_commit", ""), "corpus": tags.get("corpus", ""),
-                "corpus_md5": tags.get("corpus_md5", ""), "end_time": run.info.end_time or 0,
-                "params": dict(run.data.params), **{k: metrics.get(k) for k in RESULT_METRICS},
-            })
+            kind = run.data.tags.get("kind")
+            if kind == "variant" or kind != "run" and "mlflow.parentRunId" not in run.data.tags:
+                continue
+            row, found = _child_record(run, env)
+            if kind != "run":
+                found.append(f"tag kind = {kind!r} was edited; read as a trial's run; set it back to 'run'")
+            rows.append(row)
+            for what in found:
+                log(f"MLflow run {run.info.run_id} ({run.info.run_name}): {what}")
         token = page.token
         if not token:
             return rows
