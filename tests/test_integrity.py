@@ -480,7 +480,8 @@ def test_edited_or_deleted_child_runs_are_read_from_what_cannot_change(tmp_path,
     for number, seed in enumerate((1, 2, 3, 4)):
         config = study.run_config("locked_only", {"train.seed": seed})
         run_id = tracker.start_run(config, f"locked_only confirm #{number} seed {seed}", {
-            "phase": "confirm", "trial": number, "seed": seed, "attempt": 1, "optuna_study": "tiny/locked_only/confirm"})
+            "phase": "confirm", "trial": number, "seed": seed, "attempt": 1,
+            "optuna_study": "tiny/locked_only/confirm"})
         tracker.finish(run_id, RunState.FINISHED if number != 3 else RunState.FAILED, result=result, reason="")
         ids.append(run_id)
     client = MlflowClient(uri)
@@ -547,3 +548,36 @@ def test_runs_of_a_deleted_optuna_study_are_one_line_before_anything_is_run_agai
     assert (f"the MLflow experiment 'tiny' at {uri} holds runs of the Optuna study tiny/weight_only/search, which "
             f"{storage} does not hold: deleted (optuna delete-study)") in message
     assert sorted(optuna.get_all_study_names(storage)) == before
+
+
+# --- 10. summaries written once ------------------------------------------------------------------------------
+# Class: every summary the tracker writes (a parent's headline metrics and tags, a child's result metrics and
+# state): written again with the same values, nothing is added; a changed value gets the next step.
+def test_summaries_are_written_once_and_a_change_at_the_next_step(tmp_path, test_corpus):
+    from mlflow import MlflowClient
+
+    from harness.study.rules import RunState
+    from harness.study.tracking import Tracker
+    from harness.train import RunResult
+    from helpers import tiny_study
+
+    study = tiny_study(tmp_path, test_corpus)
+    uri = stores(tmp_path)[1]
+    tracker = Tracker(uri, study, study.identity(), {"study": study.name})
+    client = MlflowClient(uri)
+    for _ in range(3):
+        tracker.summarize_variant("weight_only", {"confirm_test_ppl_mean": 140.5, "confirm_test_ppl_sd": float("nan"),
+                                                  "confirm_seeds": 2, "absent": None}, {"best_trial": 3})
+    parent = tracker.parent_run("weight_only")
+    histories = {k: [(m.step, m.value) for m in client.get_metric_history(parent, k)]
+                 for k in ("confirm_test_ppl_mean", "confirm_test_ppl_sd", "confirm_seeds", "absent")}
+    assert [len(h) for h in histories.values()] == [1, 1, 1, 0], histories
+    tracker.summarize_variant("weight_only", {"confirm_test_ppl_mean": 139.0}, {"best_trial": 4})
+    assert [(m.step, m.value) for m in client.get_metric_history(parent, "confirm_test_ppl_mean")] == [
+        (0, 140.5), (1, 139.0)]
+    assert client.get_run(parent).data.tags["best_trial"] == "4"
+
+    run_id = tracker.start_run(study.run_config("weight_only"), "weight_only search #0", {"phase": "search"})
+    for _ in range(2):
+        tracker.finish(run_id, RunState.FINISHED, result=RunResult(150.0, 2, None, None, None, 3.0, 2))
+    assert len(client.get_metric_history(run_id, "best_val_ppl")) == 1

@@ -7,6 +7,7 @@ commit, corpus MD5, state).
 
 import dataclasses
 import json
+import math
 import platform
 import shlex
 import subprocess
@@ -64,6 +65,11 @@ def git_commit() -> str:
     if head.returncode != 0:
         return "unknown"
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _same(logged: float | None, value: float) -> bool:
+    """Whether a metric already logged holds this value (NaN holds NaN)."""
+    return logged is not None and (logged == float(value) or math.isnan(logged) and math.isnan(float(value)))
 
 
 def _now_ms() -> int:
@@ -239,7 +245,7 @@ class Tracker:
         """Summary metrics and tags of a run, written once: only those missing or changed are logged (a resumed or
         re-run study writes nothing twice); a changed metric gets the next step, so no step holds two values."""
         now, data = _now_ms(), self.client.get_run(run_id).data
-        changed = {k: float(v) for k, v in metrics.items() if v is not None and data.metrics.get(k) != float(v)}
+        changed = {k: float(v) for k, v in metrics.items() if v is not None and not _same(data.metrics.get(k), v)}
         self.client.log_batch(
             run_id,
             metrics=[Metric(k, v, now, len(self.client.get_metric_history(run_id, k)) if k in data.metrics else 0)
