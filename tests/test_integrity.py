@@ -463,7 +463,8 @@ def load_md5(corpus: Path, train_bytes: bytes) -> dict:
 
 # Class (continued): a child run edited in the MLflow UI: a tag that duplicates a param (seed, variant), a state that
 # contradicts the run's status, a tag that no longer parses (trial, attempt), an edited phase or kind, a deleted run.
-# The report reads what the run's unchangeable parts say and names each change with its restore.
+# The report reads what the run's unchangeable parts say (a deleted run is left out, as MLflow shows it) and names
+# each change with its restore.
 def test_edited_or_deleted_child_runs_are_read_from_what_cannot_change(tmp_path, test_corpus):
     from mlflow import MlflowClient
 
@@ -493,15 +494,15 @@ def test_edited_or_deleted_child_runs_are_read_from_what_cannot_change(tmp_path,
     client.set_tag(ids[3], "kind", "mine")
     said = []
     rows = {row["run_id"]: row for row in read_child_runs(uri, tracker.experiment_id, log=said.append)}
-    assert set(rows) == set(ids)  # the deleted run and the one whose kind was edited are still read
+    assert set(rows) == {ids[0], ids[1], ids[3]}  # the one whose kind was edited is still read; the deleted one not
     assert rows[ids[0]]["seed"] == 1 and rows[ids[1]]["trial"] is None and rows[ids[1]]["phase"] == "confirm"
-    assert rows[ids[3]]["state"] == RunState.FAILED and rows[ids[2]]["seed"] == 3
+    assert rows[ids[3]]["state"] == RunState.FAILED
     text = "\n".join(said)
     assert f"MLflow run {ids[0]} (locked_only confirm #0 seed 1): tag seed = '1 (rerun)' was edited (the run's " \
            "params say 1); using 1; set it back to 1 in the MLflow UI" in text
     assert "tag trial = 'one' was edited and is not a number" in text
     assert "tag phase = 'confirmation' was edited; using confirm" in text
-    assert f"deleted; the report still reads it; restore it: MLFLOW_TRACKING_URI={uri} mlflow runs restore " \
+    assert f"is deleted, so the report leaves it out; restore it: MLFLOW_TRACKING_URI={uri} mlflow runs restore " \
            f"--run-id {ids[2]}" in text
     assert "tag state = 'finished' was edited (its MLflow status is FAILED); using failed" in text
     assert "tag kind = 'mine' was edited" in text

@@ -300,8 +300,8 @@ def _status_state(run) -> RunState:
 
 def _child_record(run, env: str) -> tuple[dict, list[str]]:
     """One child run's record and what a person changed in it (each with its restore). A tag that duplicates a
-    param (variant, seed: MLflow never lets a param change) takes the param's value; a state tag that contradicts
-    the run's status takes the status's; a number that does not parse is left out."""
+    param (variant, seed: MLflow never lets a param change) takes the param's value; a state tag claiming a result
+    that the run's status denies takes the status's; a number that does not parse is left out."""
     tags, params, metrics, found = run.data.tags, run.data.params, run.data.metrics, []
 
     def tag(key, parse, truth=None):
@@ -317,7 +317,9 @@ def _child_record(run, env: str) -> tuple[dict, list[str]]:
     seed_param, _ = _parsed(params.get("train.seed"), int)
     state, ok = _parsed(tags.get("state"), RunState)
     status_state = _status_state(run)
-    if not ok or state is not None and MLFLOW_STATUS[state] != run.info.status:
+    # A result claimed on a run MLflow ended without one; not the reverse (a finished run marked failed only drops
+    # it), nor a RUNNING status (a coordinator stopped between the tag and the status: the result was logged).
+    if not ok or state == RunState.FINISHED and run.info.status in ("FAILED", "KILLED"):
         found.append(f"tag state = {tags.get('state')!r} was edited (its MLflow status is {run.info.status}); using "
                      f"{status_state}; set it back to {status_state} in the MLflow UI")
         state = status_state
@@ -327,9 +329,6 @@ def _child_record(run, env: str) -> tuple[dict, list[str]]:
         found.append(f"tag phase = {phase!r} was edited; using {recorded or 'none'} (from its optuna_study tag); "
                      "set it back in the MLflow UI")
         phase = recorded if recorded in PHASES else ""
-    if run.info.lifecycle_stage == LifecycleStage.DELETED:
-        found.append(f"deleted; the report still reads it; restore it: {env} mlflow runs restore --run-id "
-                     f"{run.info.run_id}")
     row = {
         "run_id": run.info.run_id, "name": run.info.run_name, "variant": tag("variant", str, params.get("variant")),
         "phase": phase, "trial": tag("trial", int), "seed": tag("seed", int, seed_param),
@@ -344,8 +343,8 @@ def _child_record(run, env: str) -> tuple[dict, list[str]]:
 
 
 def read_child_runs(uri: str, experiment_id: str, log=print) -> list[dict]:
-    """One record per child run, deleted ones included: its tags (variant, phase, trial, seed, state, ...), params
-    and result metrics; what people changed in a run is said through `log`, one line each, with how to restore it."""
+    """One record per child run: its tags (variant, phase, trial, seed, state, ...), params and result metrics; what
+    people changed in a run (a tag edited, the run deleted) is said through `log`, one line each, with its restore."""
     client, rows, token = MlflowClient(tracking_uri=uri), [], None
     env = f"MLFLOW_TRACKING_URI={shlex.quote(redact(uri))}"
     while True:
@@ -355,6 +354,10 @@ def read_child_runs(uri: str, experiment_id: str, log=print) -> list[dict]:
         for run in page:
             kind = run.data.tags.get("kind")
             if kind == "variant" or kind != "run" and "mlflow.parentRunId" not in run.data.tags:
+                continue
+            if run.info.lifecycle_stage == LifecycleStage.DELETED:  # left out, as MLflow shows it; Optuna's tally stays
+                log(f"MLflow run {run.info.run_id} ({run.info.run_name}) is deleted, so the report leaves it out; "
+                    f"restore it: {env} mlflow runs restore --run-id {run.info.run_id}")
                 continue
             row, found = _child_record(run, env)
             if kind != "run":
