@@ -93,14 +93,14 @@ def ui_command(uri: str) -> str:
 def _study_experiment(client: MlflowClient, uri: str, study: StudyConfig, identity: StudyIdentity):
     """The study's MLflow experiment (None when there is none yet); UserError when this study may not write it or
     read it: made by someone else or by another version of the study file (StudyIdentity.mismatch), deleted, or
-    renamed (its study_digest tag found under another name)."""
+    renamed (its study_name and study_digest tags found under another name)."""
     where = f"the MLflow experiment {study.name!r} at {redact(uri)}"
     env = f"MLFLOW_TRACKING_URI={shlex.quote(redact(uri))}"
     experiment = client.get_experiment_by_name(study.name)
     if experiment is None:
-        # The digest hashes the study file, its name included: another experiment holding it is this one renamed.
-        found = client.search_experiments(view_type=ViewType.ALL,
-                                          filter_string=f"tags.study_digest = '{identity.study_digest}'")
+        # Made for this study (its name and file's digest among its tags) yet named otherwise: renamed.
+        found = client.search_experiments(view_type=ViewType.ALL, filter_string=(
+            f"tags.study_name = '{study.name}' and tags.study_digest = '{identity.study_digest}'"))
         if found:
             moved = found[0]
             raise UserError(f"{where} was renamed to {moved.name!r} (experiment {moved.experiment_id}); rename it "
@@ -153,7 +153,8 @@ class Tracker:
             try:
                 self.experiment_id = self.client.create_experiment(
                     study.name, artifact_location=_artifact_location(uri, study),
-                    tags={**identity.as_attrs(), **EXPERIMENT_KIND, "study_file": str(study.path)},
+                    tags={**identity.as_attrs(), **EXPERIMENT_KIND, "study_name": study.name,
+                          "study_file": str(study.path)},
                 )
             except MlflowException as err:
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -161,7 +162,7 @@ class Tracker:
                 experiment = _study_experiment(self.client, uri, study, identity)  # another machine made it just now
         if experiment is not None:
             self.experiment_id = experiment.experiment_id
-            for key, value in {**identity.as_attrs(), **EXPERIMENT_KIND}.items():
+            for key, value in {**identity.as_attrs(), **EXPERIMENT_KIND, "study_name": study.name}.items():
                 if not experiment.tags.get(key):
                     self.client.set_experiment_tag(self.experiment_id, key, value)
         self.parents: dict[str, str] = {}
