@@ -8,12 +8,14 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from harness.errors import UserError
 from harness.paths import check_path, os_refusal
+from harness.redaction import guard
 from harness.study.stores import DEFAULT_STORAGE, DEFAULT_TRACKING_URI, HEARTBEAT, STALE_AFTER
 
 ABLATE_DEFAULTS = {"storage": DEFAULT_STORAGE, "tracking_uri": DEFAULT_TRACKING_URI, "runs_dir": "runs",
@@ -229,8 +231,33 @@ def _tool(name: str) -> str:
     return found
 
 
+def _serve(name: str, argv: list) -> int:
+    """Run the console tool `name` until it ends (Ctrl-C, SIGTERM), its output through this command's redaction
+    (harness.redaction): the store URL it is given may hold a password, and its errors may print it."""
+    tool = subprocess.Popen([_tool(name), *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace")
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for line in tool.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        tool.terminate()  # a terminal's Ctrl-C reached it too; a SIGTERM sent to this process alone did not
+    finally:
+        try:
+            tool.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            tool.kill()
+            tool.wait()
+    return 0 if tool.returncode in (0, -signal.SIGTERM, -signal.SIGINT) else tool.returncode
+
+
 def cmd_ui(args) -> int:
-    """The MLflow UI on the study's tracking store (replaces this process), after printing each study's runs table."""
+    """The MLflow UI on the study's tracking store until Ctrl-C, after printing each study's runs-table link."""
     from harness.study.stores import check_tracking, redact
     from harness.study.tracking import runs_table_links
 
@@ -240,20 +267,19 @@ def cmd_ui(args) -> int:
     links = runs_table_links(args.tracking_uri, base)
     print(f"MLflow UI on {base} for {redact(args.tracking_uri)} (Ctrl-C stops it)"
           + "".join(f"\n  {name}: {url}" for name, url in links.items()), flush=True)
-    os.execv(_tool("mlflow"), ["mlflow", "ui", "--backend-store-uri", args.tracking_uri, "--host", args.host,
-                               "--port", str(args.port)])
+    return _serve("mlflow", ["ui", "--backend-store-uri", args.tracking_uri, "--host", args.host,
+                             "--port", str(args.port)])
 
 
 def cmd_dashboard(args) -> int:
-    """optuna-dashboard on the study's Optuna storage (replaces this process)."""
+    """optuna-dashboard on the study's Optuna storage, until Ctrl-C."""
     from harness.study.ledger.storage import check_storage
     from harness.study.stores import redact
 
     check_storage(args.storage)
     print(f"optuna-dashboard on http://{args.host}:{args.port} for {redact(args.storage)} (Ctrl-C stops it)",
           flush=True)
-    os.execv(_tool("optuna-dashboard"), ["optuna-dashboard", args.storage, "--host", args.host,
-                                         "--port", str(args.port)])
+    return _serve("optuna-dashboard", [args.storage, "--host", args.host, "--port", str(args.port)])
 
 
 def cmd_masks(args) -> int:
@@ -453,8 +479,15 @@ def _quiet_libraries(command: str) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet_libraries(args.command)
+    # Every line printed from here on, by the harness or a library, and any traceback, has the secrets it was
+    # given masked (harness.redaction), argparse's own errors included.
+    with guard(sys.argv[1:] if argv is None else argv):
+        args = build_parser().parse_args(argv)
+        _quiet_libraries(args.command)
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
     except UserError as err:

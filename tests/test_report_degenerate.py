@@ -108,6 +108,8 @@ def searched_storage(tmp_path, study, values):
     """An Optuna storage holding the study's weight_only search: one finished trial per value, distinct params."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     search = optuna.create_study(study_name=f"{study.name}/weight_only/search", storage=storage)
+    for key, value in study.identity().as_attrs().items():  # what the harness records on every study it makes
+        search.set_user_attr(key, value)
     for i, value in enumerate(values):
         search.add_trial(optuna.trial.create_trial(
             params={W: 0.1 + 0.05 * i, I: 0.4 - 0.03 * i}, value=value,

@@ -17,6 +17,7 @@ from harness.errors import UserError
 from harness.study import rules
 from harness.study.adequacy import judge_trials
 from harness.study.ledger.storage import open_storage
+from harness.study.ledger.studies import study_names
 from harness.study.ledger.writer import Claim, Ledger, TrialLost
 from harness.study.live import LiveView, format_params
 from harness.study.plan import CALIBRATION_SECONDS, plan_study
@@ -24,7 +25,7 @@ from harness.study.rules import CONFIRM, PHASES, SEARCH, RunState, optuna_name
 from harness.study.scheduler import ENVIRONMENT, Outcome, Scheduler, Slot, Task, describe_slots, device_name
 from harness.study.spec import StudyConfig
 from harness.study.stores import HEARTBEAT, LocalLock, check_tracking, redact
-from harness.study.tracking import Tracker, git_commit, package_versions
+from harness.study.tracking import Tracker, check_experiment, git_commit, package_versions
 from harness.train import EpochResult, check_splits, divergence
 
 POLL_SECONDS = 5  # how often an idle coordinator looks for retries and confirmation seeds left by other machines
@@ -111,7 +112,7 @@ class Coordinator:
         checkpoints = self.runs_dir / self.study.name / claim.variant / claim.phase / f"trial-{claim.number}"
         # A claimed trial is always new (a retry gets a new number): what its folder holds is another run's.
         return Task(claim.key, config, str(checkpoints), prunable=claim.phase == SEARCH,
-                    evaluate_test=claim.phase == CONFIRM, resume=False)
+                    evaluate_test=claim.phase == CONFIRM, resume=False, identity=self.ledger.identity)
 
     # --- what happened --------------------------------------------------------------------------------
     def on_start(self, task: Task, slot: Slot) -> None:
@@ -273,7 +274,10 @@ def run_study(study: StudyConfig, *, storage: str, tracking_uri: str, slots: lis
     check_tracking(tracking_uri)
     identity = study.identity(corpus.md5, find_split_files(corpus.path))
     with LocalLock(storage, tracking_uri):
-        ledger = Ledger(study, open_storage(storage, heartbeat), identity, log=log)
+        optuna_storage = open_storage(storage, heartbeat)
+        # Before the ledger writes: a refusal leaves both stores as they were.
+        check_experiment(tracking_uri, study, identity, study_names(optuna_storage), redact(storage))
+        ledger = Ledger(study, optuna_storage, identity, log=log)
         tracker = Tracker(tracking_uri, study, identity, {
             "study": study.name, "git_commit": git_commit(), "corpus": corpus.name, "versions": package_versions(),
             **identity.as_attrs(),

@@ -10,7 +10,16 @@ import signal
 import time
 from multiprocessing.connection import wait
 
+from harness.redaction import guard
+
 CONTEXT = multiprocessing.get_context("spawn")
+
+
+def _guarded(target, *args) -> None:
+    """A child's entry point: `target(*args)` with the parent's secrets masked in all it prints (spawn gives a
+    child its parent's sys.argv, and it inherits the environment)."""
+    with guard():
+        target(*args)
 
 
 class Child:
@@ -22,7 +31,8 @@ class Child:
 
     def __init__(self, target, args: tuple, name: str, *, new_session: bool = False):
         parent, child = CONTEXT.Pipe()
-        self.process = CONTEXT.Process(target=target, args=(*args, child), name=name, daemon=not new_session)
+        self.process = CONTEXT.Process(target=_guarded, args=(target, *args, child), name=name,
+                                       daemon=not new_session)
         self.process.start()
         child.close()  # only the child holds its end: its exit closes the pipe
         self.conn, self.new_session, self.started = parent, new_session, time.monotonic()

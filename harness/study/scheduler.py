@@ -4,6 +4,7 @@ epoch's EpochResult and wait for keep-going or prune; one that crashes or is kil
 joblib gives the cgroup-aware core count; its process pools are not used (one dead worker breaks the pool).
 """
 
+import dataclasses
 import signal
 import traceback
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from harness.config import RunConfig
 from harness.errors import UserError
 from harness.study.processes import Child, ready
 from harness.study.rules import RunState
+from harness.study.spec import StudyIdentity
 
 if TYPE_CHECKING:  # annotations only
     from harness.train import EpochResult, RunResult
@@ -40,6 +42,7 @@ class Task:
     prunable: bool = True  # a search trial: the coordinator may stop it after any epoch
     evaluate_test: bool = True  # only confirmation runs see the test split
     resume: bool = True  # False: the task is new, so checkpoints already in its folder are another run's
+    identity: StudyIdentity | None = None  # the study's corpus MD5s: a trial loading other text stops the study
 
 
 MAX_PER_DEVICE = 256  # trials at once per device (each is a process): more is a typo, not a plan
@@ -154,6 +157,10 @@ def _worker(task: Task, slot: Slot, conn) -> None:
         if slot.device.startswith("cuda"):
             torch.cuda.set_device(slot.device)
         corpus = load_corpus(task.config.corpus, fetch_missing=False, log=lambda *a: None)
+        if task.identity is not None:  # the corpus edited since the study started: no run may train on it
+            problem = dataclasses.replace(task.identity, corpus_md5=corpus.md5).mismatch(task.identity.as_attrs())
+            if problem:
+                raise UserError(problem)
         result = train_model(task.config, corpus, device=slot.device, checkpoint_dir=Path(task.checkpoint_dir),
                              on_epoch=on_epoch, progress=False, evaluate_test=task.evaluate_test, resume=task.resume)
         conn.send((RunState.FINISHED, result.summary()))

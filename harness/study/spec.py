@@ -170,7 +170,11 @@ class StudyIdentity:
     def mismatch(self, recorded: dict) -> str | None:
         """Why a study recorded as `recorded` (attrs or tags) is not this one, or None when it is."""
         digest = recorded.get("study_digest")
-        if digest is not None and digest != self.study_digest:
+        if digest is None:  # every study the harness makes records it first
+            return (f"{self.study_path}: a study of this name exists that this harness did not make (it records no "
+                    "study_digest); refusing to write this study into it: give this file another study.name, or use "
+                    "other stores")
+        if digest != self.study_digest:
             return (f"{self.study_path}: this study name was first run from a different version of the study file; "
                     "refusing to mix their results: to resume it, run the file it was made from (every MLflow run "
                     "holds it as study.toml); to start afresh, give this file a new study.name (or use new stores)")

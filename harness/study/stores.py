@@ -6,49 +6,34 @@ server. Connections give up within seconds when a server does not answer.
 
 import contextlib
 import hashlib
+import os
 import re
 import sqlite3
+import warnings
 from pathlib import Path
-from urllib.parse import quote, unquote
+from urllib.parse import parse_qsl, quote, unquote
 
 import filelock
 import requests
 import sqlalchemy
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 
 from harness.errors import UserError
 from harness.paths import check_path
+from harness.redaction import SECRET_QUERY_KEYS, password_span
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"  # the Optuna storage of `ablate`, `report` and `make dashboard`
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the MLflow store of `ablate`, `report` and `make ui`
 CONNECT_TIMEOUT = 5  # seconds; without it an unreachable host hangs for TCP's minutes of retries
 HEARTBEAT = 30  # seconds between heartbeats of a running trial on a shared storage
 STALE_AFTER = 4  # heartbeats missed before a trial counts as stale: its machine or coordinator is gone
-SECRET_QUERY_KEYS = ("password", "sslpassword")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def _password_span(url: str) -> tuple[int, int] | None:
-    """Start and end of the password in scheme://user:password@host..., or None.
-
-    Not URL parsing: a password may hold any character ('#', '/', '?', '@', ...), and parsers stop at the first
-    of those. The user ends at the first ':' after '://' (after the start of the text when there is no scheme,
-    e.g. a mistyped URL), the password at the last '@' of the whole string: this masks too much rather than too
-    little when '@' also appears after the host.
-    """
-    scheme = _SCHEME.match(url)
-    at = url.rfind("@")
-    if at < 0:
-        return None
-    colon = url.find(":", scheme.end() if scheme else 0, at)
-    if colon < 0:
-        return None
-    return colon + 1, at
 
 
 def redact(url: str) -> str:
     """The URL with its password masked, for messages, tags and reports: postgresql://user:***@host/db."""
     url = str(url)
-    span = _password_span(url)
+    span = password_span(url)
     if span is not None:
         url = url[: span[0]] + "***" + url[span[1]:]
     # libpq also takes ?password=... (and &sslpassword=...), up to the next '&' whatever it holds ('#' too)
@@ -61,7 +46,7 @@ _SECRET_QUERY = re.compile(rf"([?&](?:{'|'.join(SECRET_QUERY_KEYS)})=)[^&]*", re
 def scrub(text: str, url: str) -> str:
     """Text (e.g. a driver's error) with the URL redacted and its password masked wherever else it appears."""
     text = str(text).replace(url, redact(url))
-    span = _password_span(url)
+    span = password_span(url)
     secrets = [url[span[0]: span[1]]] if span is not None else []
     secrets += [m.group(0).split("=", 1)[1] for m in _SECRET_QUERY.finditer(url)]
     for secret in secrets:
@@ -74,16 +59,19 @@ def scrub(text: str, url: str) -> str:
 def check_password(url: str, flag: str) -> None:
     """UserError when the URL's password holds a raw '@': SQLAlchemy would end the password there and take the
     rest for the host, which its errors then show (the message gives the URL masked, never the password)."""
-    span = _password_span(url)
+    span = password_span(url)
     if span is not None and "@" in url[span[0]: span[1]]:
         raise UserError(f"{flag} {redact(url)}: the password holds '@', which ends a password in a URL; write it "
                         "as %40 (percent-encode it), or leave it out of the URL and set PGPASSWORD")
 
 
 def sqlite_path(url: str, flag: str) -> Path | None:
-    """The database file of a sqlite:/// URL, None for other schemes; UserError for one that would not persist.
+    """The database file a sqlite:/// URL opens, absolute, None for other schemes; UserError for one that would not
+    persist, or that SQLite would open read-only or without its locks.
 
-    `flag` names the option the URL came from (--storage, --tracking-uri), for the message.
+    The file is found the way SQLite finds it, from SQLAlchemy's own connect arguments (the database name and
+    its `uri` flag), then SQLite's URI filename rules (`file:NAME?mode=...`): two spellings of one file give one
+    path (symlinks are resolved by LocalLock). `flag` names the option the URL came from, for the message.
     """
     if not url.startswith("sqlite:"):
         return None
@@ -91,14 +79,60 @@ def sqlite_path(url: str, flag: str) -> Path | None:
     if url != "sqlite://" and not url.startswith("sqlite:///"):
         raise UserError(f"{flag} {redact(url)}: write sqlite:///FILE (three slashes; four for an absolute path), "
                         f"e.g. {example}")
-    path = unquote(url[len("sqlite:///"):])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SQLAlchemy's note that it ignores URI arguments without uri=true
+            parsed = sqlalchemy.engine.make_url(url)
+            (name, *_), options = _PYSQLITE.create_connect_args(parsed)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as err:
+        raise UserError(f"{flag} {redact(url)}: not a SQLite URL SQLAlchemy can read ({err}); e.g. {example}") from None
+    params = {}
+    if not options.get("uri"):
+        name = parsed.database or ""  # as spelled (SQLAlchemy made it absolute), for messages
+    elif name.startswith("file:"):
+        name, params = _uri_filename(name, f"{flag} {redact(url)}")
     # In memory: no file (sqlite://), SQLite's :memory: name, or a URI filename asking for memory (mode=memory)
-    # or its in-memory file system (vfs=memdb).
-    if (not path or path.startswith((":memory:", "file::memory:")) or "mode=memory" in path
-            or "vfs=memdb" in path):
+    # or its in-memory file system (vfs=memdb); a spelling SQLAlchemy would ignore is refused too, as meant.
+    spelled = unquote(url).lower()
+    if (name in ("", ":memory:") or params.get("mode") == "memory" or params.get("vfs") == "memdb"
+            or "file::memory:" in spelled or "mode=memory" in spelled or "vfs=memdb" in spelled):
         raise UserError(f"{flag} {redact(url)}: an in-memory database vanishes when the command ends, and every "
                         f"result with it; use a file, e.g. {example}")
-    return check_path(path.split("?", 1)[0], f"{flag} {redact(url)}")
+    unsafe = {k: v for k, v in params.items() if k in _UNSAFE_URI_PARAMS and v not in _UNSAFE_URI_PARAMS[k]}
+    if unsafe:
+        named = ", ".join(f"{k}={v}" for k, v in unsafe.items())
+        raise UserError(f"{flag} {redact(url)}: {named} would make SQLite open the store read-only or without its "
+                        f"locks; leave it out, e.g. {example}")
+    return check_path(name, f"{flag} {redact(url)}")  # a relative name: relative to the working folder, as for SQLite
+
+
+_PYSQLITE = SQLiteDialect_pysqlite()
+# SQLite URI parameters that would stop a store from being written safely -> the values that are harmless.
+_UNSAFE_URI_PARAMS = {"mode": ("rw", "rwc"), "immutable": ("0", "false", "no", "off"),
+                      "nolock": ("0", "false", "no", "off"), "vfs": ("unix",)}
+
+
+def _uri_filename(name: str, where: str) -> tuple[str, dict]:
+    """The file and the parameters of a SQLite URI filename (https://sqlite.org/uri.html): file:PATH,
+    file:///PATH or file://localhost/PATH, percent-decoded, with ?KEY=VALUE parameters (lower-cased keys)."""
+    rest = name[len("file:"):].partition("#")[0]
+    rest, _, query = rest.partition("?")
+    if rest.startswith("//"):
+        authority, _, path = rest[2:].partition("/")
+        if authority not in ("", "localhost"):
+            raise UserError(f"{where}: SQLite opens no file on another host ({authority}); name a local file")
+        rest = "/" + path
+    return unquote(rest), {k.lower(): v.lower() for k, v in parse_qsl(query, keep_blank_values=True)}
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two database paths are one file: one resolved path, or (existing) one inode, e.g. a bind mount."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
 
 
 # Tables only Optuna's storage has, and tables only MLflow's tracking store has: a file holding the other's is
@@ -120,6 +154,11 @@ def check_sqlite(url: str, flag: str) -> Path | None:
         raise UserError(f"{where}: {parent} is not a folder; name a file in a folder")
     if not path.exists():
         return path
+    if path.stat().st_nlink > 1:
+        # SQLite names its journal after the path it was given: writers through two links would not see each
+        # other's journal and corrupt the database (https://sqlite.org/howtocorrupt.html, 2.5), nor share a lock.
+        raise UserError(f"{where}: {path} has {path.stat().st_nlink} hard links, so two names could write it at "
+                        "once and corrupt it; copy it to a file of its own (cp) and pass that")
     try:
         with open(path, "rb") as head:
             header = head.read(16)
@@ -222,8 +261,10 @@ class LocalLock:
     def __init__(self, *urls: str):
         flags = ("--storage", "--tracking-uri")
         # Resolved, so two spellings of one file (a relative path, a symlink) take the same lock.
+        # A lock file beside the resolved path: spellings the file system equates (a bind mount, a case-insensitive
+        # disk) equate their lock files too; hard links are refused by check_sqlite.
         paths = [path.resolve() for url, flag in zip(urls, flags) if (path := check_sqlite(url, flag)) is not None]
-        if len(set(paths)) < len(paths):
+        if len(paths) == 2 and same_file(*paths):
             raise UserError(f"--storage and --tracking-uri name the same file {paths[0]}; Optuna and MLflow each need "
                             "their own, e.g. sqlite:///optuna.db and sqlite:///mlflow.db")
         self.locks = [filelock.FileLock(f"{path}.lock") for path in paths]

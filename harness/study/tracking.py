@@ -7,6 +7,7 @@ commit, corpus MD5, state).
 
 import dataclasses
 import json
+import math
 import platform
 import shlex
 import subprocess
@@ -16,12 +17,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, LifecycleStage, Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 
 from harness.config import RunConfig
 from harness.errors import UserError
-from harness.study.rules import CONFIRM, RunState
+from harness.study.rules import CONFIRM, PHASES, RunState
 from harness.study.spec import StudyConfig, StudyIdentity
 from harness.study.stores import DEFAULT_TRACKING_URI, redact, sqlite_path
 from harness.train import EpochResult, RunResult
@@ -68,6 +69,11 @@ def git_commit() -> str:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def _same(logged: float | None, value: float) -> bool:
+    """Whether a metric already logged holds this value (NaN holds NaN)."""
+    return logged is not None and (logged == float(value) or math.isnan(logged) and math.isnan(float(value)))
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -103,29 +109,79 @@ def ui_command(uri: str) -> str:
     return f"{make}  (or: mlflow ui --backend-store-uri {shlex.quote(redact(uri))})"
 
 
+def _study_experiment(client: MlflowClient, uri: str, study: StudyConfig, identity: StudyIdentity):
+    """The study's MLflow experiment (None when there is none yet); UserError when this study may not write it or
+    read it: made by someone else or by another version of the study file (StudyIdentity.mismatch), deleted, or
+    renamed (its study_name and study_digest tags found under another name)."""
+    where = f"the MLflow experiment {study.name!r} at {redact(uri)}"
+    env = f"MLFLOW_TRACKING_URI={shlex.quote(redact(uri))}"
+    experiment = client.get_experiment_by_name(study.name)
+    if experiment is None:
+        # Made for this study (its name and file's digest among its tags) yet named otherwise: renamed.
+        found = client.search_experiments(view_type=ViewType.ALL, filter_string=(
+            f"tags.study_name = '{study.name}' and tags.study_digest = '{identity.study_digest}'"))
+        if found:
+            moved = found[0]
+            raise UserError(f"{where} was renamed to {moved.name!r} (experiment {moved.experiment_id}); rename it "
+                            f"back: {env} mlflow experiments rename --experiment-id {moved.experiment_id} "
+                            f"--new-name {shlex.quote(study.name)}")
+        return None
+    if experiment.lifecycle_stage == LifecycleStage.DELETED:
+        raise UserError(f"{where} is deleted (experiment {experiment.experiment_id}, with its runs); restore it: {env} "
+                        f"mlflow experiments restore --experiment-id {experiment.experiment_id}; or give the study "
+                        "file another study.name")
+    problem = identity.mismatch(experiment.tags)
+    if problem:
+        raise UserError(f"{problem} ({where})")
+    return experiment
+
+
+def check_experiment(uri: str, study: StudyConfig, identity: StudyIdentity, optuna_names: set, storage: str) -> None:
+    """UserError, writing nothing, when the study's MLflow experiment is not this study's to write, or holds runs of
+    Optuna studies that the storage (`storage`, its URL masked; `optuna_names`, the names it holds) no longer has:
+    deleted (optuna delete-study), or not the storage the study ran with. Recreated, they would run it all again."""
+    client = MlflowClient(tracking_uri=uri)
+    experiment = _study_experiment(client, uri, study, identity)
+    if experiment is None:
+        return
+    recorded, token = set(), None
+    while True:
+        page = client.search_runs([experiment.experiment_id], "tags.kind = 'run'", run_view_type=ViewType.ALL,
+                                  max_results=1000, page_token=token)
+        recorded |= {run.data.tags["optuna_study"] for run in page if run.data.tags.get("optuna_study")}
+        token = page.token
+        if not token:
+            break
+    missing = sorted(recorded - optuna_names)
+    if missing:
+        raise UserError(f"the MLflow experiment {study.name!r} at {redact(uri)} holds runs of the Optuna "
+                        f"stud{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)}, which {storage} does not "
+                        "hold: deleted (optuna delete-study), or not the --storage the study ran with; pass that "
+                        "storage or restore it from a backup (made again, they would run every trial again), or give "
+                        "the study file another study.name")
+
+
 class Tracker:
     """Writes one study's runs to MLflow; refuses an experiment recorded under another identity."""
 
     def __init__(self, uri: str, study: StudyConfig, identity: StudyIdentity, common_tags: dict):
         self.client = MlflowClient(tracking_uri=uri)
         self.study, self.identity, self.common_tags = study, identity, common_tags
-        experiment = self.client.get_experiment_by_name(study.name)
+        experiment = _study_experiment(self.client, uri, study, identity)
         if experiment is None:
             try:
                 self.experiment_id = self.client.create_experiment(
                     study.name, artifact_location=_artifact_location(uri, study),
-                    tags={**identity.as_attrs(), **EXPERIMENT_KIND, "study_file": str(study.path)},
+                    tags={**identity.as_attrs(), **EXPERIMENT_KIND, "study_name": study.name,
+                          "study_file": str(study.path)},
                 )
             except MlflowException as err:
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-                experiment = self.client.get_experiment_by_name(study.name)  # another machine made it just now
+                experiment = _study_experiment(self.client, uri, study, identity)  # another machine made it just now
         if experiment is not None:
-            problem = identity.mismatch(experiment.tags)
-            if problem:
-                raise UserError(f"{problem} (the MLflow experiment {study.name!r} at {redact(uri)})")
             self.experiment_id = experiment.experiment_id
-            for key, value in {**identity.as_attrs(), **EXPERIMENT_KIND}.items():
+            for key, value in {**identity.as_attrs(), **EXPERIMENT_KIND, "study_name": study.name}.items():
                 if not experiment.tags.get(key):
                     self.client.set_experiment_tag(self.experiment_id, key, value)
         self.parents: dict[str, str] = {}
@@ -200,9 +256,7 @@ class Tracker:
         fields that were measured, or only `seconds` for a run that did not finish."""
         now = _now_ms()
         values = dataclasses.asdict(result) if result is not None else {"seconds": seconds}
-        metrics = [Metric(k, float(v), now, 0) for k, v in values.items() if v is not None]
-        tags = [RunTag("state", state)] + ([RunTag("fail_reason", reason[-5000:])] if reason else [])
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        self._write_summary(run_id, values, {"state": state, **({"fail_reason": reason[-5000:]} if reason else {})})
         if state in NAME_SUFFIX:
             name = self.client.get_run(run_id).info.run_name
             if not name.endswith(NAME_SUFFIX[state]):
@@ -223,12 +277,18 @@ class Tracker:
 
     def summarize_variant(self, variant: str, metrics: dict, tags: dict) -> None:
         """Headline numbers on the parent run (best search value, confirmation mean)."""
-        run_id = self.parent_run(variant)
-        now = _now_ms()
+        self._write_summary(self.parent_run(variant), metrics, tags)
+
+    def _write_summary(self, run_id: str, metrics: dict, tags: dict) -> None:
+        """Summary metrics and tags of a run, written once: only those missing or changed are logged (a resumed or
+        re-run study writes nothing twice); a changed metric gets the next step, so no step holds two values."""
+        now, data = _now_ms(), self.client.get_run(run_id).data
+        changed = {k: float(v) for k, v in metrics.items() if v is not None and not _same(data.metrics.get(k), v)}
         self.client.log_batch(
             run_id,
-            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None],
-            tags=[RunTag(k, str(v)) for k, v in tags.items()],
+            metrics=[Metric(k, v, now, len(self.client.get_metric_history(run_id, k)) if k in data.metrics else 0)
+                     for k, v in changed.items()],
+            tags=[RunTag(k, str(v)) for k, v in tags.items() if data.tags.get(k) != str(v)],
         )
 
     def close_stale_runs(self) -> int:
@@ -251,39 +311,98 @@ class Tracker:
 
 
 # --- reading, for the report ----------------------------------------------------------------------------
-def _int(value) -> int | None:
-    return int(value) if value not in (None, "") else None
-
-
 def find_experiment(uri: str, study: StudyConfig) -> str | None:
     """The id of the study's experiment at uri, None when there is none; UserError when it belongs to another
-    version of the study file."""
-    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(study.name)
-    if experiment is None:
-        return None
-    problem = study.identity().mismatch(experiment.tags)
-    if problem:
-        raise UserError(f"{problem} (the MLflow experiment {study.name!r} at {redact(uri)})")
-    return experiment.experiment_id
+    version of the study file, or was deleted or renamed."""
+    experiment = _study_experiment(MlflowClient(tracking_uri=uri), uri, study, study.identity())
+    return None if experiment is None else experiment.experiment_id
 
 
-def read_child_runs(uri: str, experiment_id: str) -> list[dict]:
-    """One record per child run: its tags (variant, phase, trial, seed, state, ...), params and result metrics."""
+def _parsed(raw, parse):
+    """(value, True) of a tag read with parse; (None, True) when absent; (None, False) when it does not parse."""
+    if raw in (None, ""):
+        return None, True
+    try:
+        return parse(raw), True
+    except (ValueError, TypeError):
+        return None, False
+
+
+def _status_state(run) -> RunState:
+    """The state MLflow's status (which the UI cannot edit) and the run's name give."""
+    if run.info.status == "KILLED":
+        return RunState.PRUNED if (run.info.run_name or "").endswith(NAME_SUFFIX[RunState.PRUNED]) \
+            else RunState.INTERRUPTED
+    return {"FINISHED": RunState.FINISHED, "FAILED": RunState.FAILED}.get(run.info.status, RunState.RUNNING)
+
+
+def _child_record(run, env: str) -> tuple[dict, list[str]]:
+    """One child run's record and what a person changed in it (each with its restore). A tag that duplicates a
+    param (variant, seed: MLflow never lets a param change) takes the param's value; a state tag claiming a result
+    that the run's status denies takes the status's; a number that does not parse is left out."""
+    tags, params, metrics, found = run.data.tags, run.data.params, run.data.metrics, []
+
+    def tag(key, parse, truth=None):
+        value, ok = _parsed(tags.get(key), parse)
+        if truth is not None and (value != truth or not ok):
+            found.append(f"tag {key} = {tags.get(key)!r} was edited (the run's params say {truth}); using {truth}; "
+                         f"set it back to {truth} in the MLflow UI")
+            return truth
+        if not ok:
+            found.append(f"tag {key} = {tags.get(key)!r} was edited and is not a number; left out of the report")
+        return value
+
+    seed_param, _ = _parsed(params.get("train.seed"), int)
+    state, ok = _parsed(tags.get("state"), RunState)
+    status_state = _status_state(run)
+    # A result claimed on a run MLflow ended without one; not the reverse (a finished run marked failed only drops
+    # it), nor a RUNNING status (a coordinator stopped between the tag and the status: the result was logged).
+    if not ok or state == RunState.FINISHED and run.info.status in ("FAILED", "KILLED"):
+        found.append(f"tag state = {tags.get('state')!r} was edited (its MLflow status is {run.info.status}); using "
+                     f"{status_state}; set it back to {status_state} in the MLflow UI")
+        state = status_state
+    phase = tags.get("phase", "")
+    if phase not in PHASES:
+        recorded = tags.get("optuna_study", "").rsplit("/", 1)[-1]
+        found.append(f"tag phase = {phase!r} was edited; using {recorded or 'none'} (from its optuna_study tag); "
+                     "set it back in the MLflow UI")
+        phase = recorded if recorded in PHASES else ""
+    row = {
+        "run_id": run.info.run_id, "name": run.info.run_name, "variant": tag("variant", str, params.get("variant")),
+        "phase": phase, "trial": tag("trial", int), "seed": tag("seed", int, seed_param),
+        "attempt": tag("attempt", int), "state": state or RunState.RUNNING,
+        "fail_reason": tags.get("fail_reason", ""), "device": tags.get("device", ""),
+        "device_name": tags.get("device_name", ""), "versions": tags.get("versions", ""),
+        "git_commit": tags.get("git_commit", ""), "corpus": tags.get("corpus", ""),
+        "corpus_md5": tags.get("corpus_md5", ""), "end_time": run.info.end_time or 0,
+        "params": dict(params), **{k: metrics.get(k) for k in RESULT_METRICS},
+    }
+    return row, found
+
+
+def read_child_runs(uri: str, experiment_id: str, log=print) -> list[dict]:
+    """One record per child run: its tags (variant, phase, trial, seed, state, ...), params and result metrics; what
+    people changed in a run (a tag edited, the run deleted) is said through `log`, one line each, with its restore."""
     client, rows, token = MlflowClient(tracking_uri=uri), [], None
+    env = f"MLFLOW_TRACKING_URI={shlex.quote(redact(uri))}"
     while True:
-        page = client.search_runs([experiment_id], "tags.kind = 'run'", max_results=1000, page_token=token)
+        # Every run of the experiment: a child whose `kind` tag was edited is still one (MLflow's parent tag).
+        page = client.search_runs([experiment_id], "", run_view_type=ViewType.ALL, max_results=1000,
+                                  page_token=token)
         for run in page:
-            tags, metrics = run.data.tags, run.data.metrics
-            rows.append({
-                "run_id": run.info.run_id, "name": run.info.run_name, "variant": tags.get("variant", ""),
-                "phase": tags.get("phase", ""), "trial": _int(tags.get("trial")), "seed": _int(tags.get("seed")),
-                "attempt": _int(tags.get("attempt")), "state": tags.get("state", RunState.RUNNING),
-                "fail_reason": tags.get("fail_reason", ""), "device": tags.get("device", ""),
-                "device_name": tags.get("device_name", ""), "versions": tags.get("versions", ""),
-                "git_commit": tags.get("git_commit", ""), "corpus": tags.get("corpus", ""),
-                "corpus_md5": tags.get("corpus_md5", ""), "end_time": run.info.end_time or 0,
-                "params": dict(run.data.params), **{k: metrics.get(k) for k in RESULT_METRICS},
-            })
+            kind = run.data.tags.get("kind")
+            if kind == "variant" or kind != "run" and "mlflow.parentRunId" not in run.data.tags:
+                continue
+            if run.info.lifecycle_stage == LifecycleStage.DELETED:  # left out, as MLflow shows it; Optuna's tally stays
+                log(f"MLflow run {run.info.run_id} ({run.info.run_name}) is deleted, so the report leaves it out; "
+                    f"restore it: {env} mlflow runs restore --run-id {run.info.run_id}")
+                continue
+            row, found = _child_record(run, env)
+            if kind != "run":
+                found.append(f"tag kind = {kind!r} was edited; read as a trial's run; set it back to 'run'")
+            rows.append(row)
+            for what in found:
+                log(f"MLflow run {run.info.run_id} ({run.info.run_name}): {what}")
         token = page.token
         if not token:
             return rows

@@ -27,6 +27,11 @@ def trial_kind(trial: FrozenTrial) -> str:
     return _KIND[trial.state]
 
 
+def study_names(storage: BaseStorage) -> set[str]:
+    """The names of every Optuna study the storage holds."""
+    return set(optuna.get_all_study_names(storage))
+
+
 def holds_study(storage: BaseStorage, study: StudyConfig) -> bool:
     """Whether the storage holds any Optuna study of this study (any variant, any phase)."""
     names = set(optuna.get_all_study_names(storage))

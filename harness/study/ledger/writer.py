@@ -122,6 +122,7 @@ class Ledger(StudyTrials):
         self.heartbeat = Heartbeat(storage)
         self.no_verdicts_until = 0.0
         with self.lock():
+            self._refuse_foreign()
             self.studies = {(v, p): self._open(v, p) for v in self.variants for p in PHASES}
             if self.shared:
                 self._check_heartbeat()
@@ -134,6 +135,26 @@ class Ledger(StudyTrials):
         return advisory_lock(self.storage.engine, f"harness study {self.study.name}")
 
     # --- opening ------------------------------------------------------------------------------------
+    def _refuse_foreign(self) -> None:
+        """UserError, before anything is written, when an Optuna study of one of this study's names was not made by
+        the harness (or by another version of it: StudyIdentity.mismatch).
+
+        A study without the harness's attributes is its own only when empty and minimizing: made just before a
+        crash stopped its first attribute from being written. Optuna loads any study by name, whatever its
+        direction, so a maximizing one would rank this study's perplexities backwards.
+        """
+        existing = set(optuna.get_all_study_names(self.storage))
+        for variant in self.variants:
+            for phase in PHASES:
+                name = optuna_name(self.study, variant, phase)
+                if name not in existing:
+                    continue
+                ostudy = optuna.load_study(study_name=name, storage=self.storage)
+                unmarked_own = (not ostudy.user_attrs and not ostudy.get_trials(deepcopy=False)
+                                and ostudy.directions == [optuna.study.StudyDirection.MINIMIZE])
+                if not unmarked_own:
+                    self._check_identity(ostudy)
+
     def _open(self, variant: str, phase: str) -> optuna.Study:
         """Create or load one Optuna study, with its identity recorded and its search budget in the queue."""
         ostudy = optuna.create_study(
