@@ -40,6 +40,9 @@ class Task:
     prunable: bool = True  # a search trial: the coordinator may stop it after any epoch
     evaluate_test: bool = True  # only confirmation runs see the test split
     resume: bool = True  # False: the task is new, so checkpoints already in its folder are another run's
+    # A retried trial: the checkpoint folders of the attempts it replaces, newest first. It continues from the
+    # newest checkpoint there (its folder, empty until then, gets a copy), or starts over saying why.
+    resume_from: tuple = ()
 
 
 MAX_PER_DEVICE = 256  # trials at once per device (each is a process): more is a typo, not a plan
@@ -65,6 +68,8 @@ class TaskSource(Protocol):
     def next_task(self, slot: Slot) -> Task | None: ...
 
     def on_start(self, task: Task, slot: Slot) -> None: ...
+
+    def on_begin(self, task: Task, restored: tuple, notes: list) -> None: ...  # epochs restored, why started over
 
     def on_epoch(self, task: Task, epoch: "EpochResult") -> bool: ...  # False = prune
 
@@ -139,7 +144,7 @@ def _worker(task: Task, slot: Slot, conn) -> None:
     import torch
 
     from harness.data import load_corpus
-    from harness.train import TrainingDiverged, train_model
+    from harness.train import TrainingDiverged, adopt_checkpoints, train_model
 
     class Pruned(Exception):
         pass
@@ -154,8 +159,15 @@ def _worker(task: Task, slot: Slot, conn) -> None:
         if slot.device.startswith("cuda"):
             torch.cuda.set_device(slot.device)
         corpus = load_corpus(task.config.corpus, fetch_missing=False, log=lambda *a: None)
+        notes = []  # why a retried trial starts over rather than continuing (one line each)
+        if task.resume_from:
+            note = adopt_checkpoints(Path(task.checkpoint_dir), [Path(p) for p in task.resume_from])
+            notes += [note] if note else []
         result = train_model(task.config, corpus, device=slot.device, checkpoint_dir=Path(task.checkpoint_dir),
-                             on_epoch=on_epoch, progress=False, evaluate_test=task.evaluate_test, resume=task.resume)
+                             on_epoch=on_epoch, progress=False, evaluate_test=task.evaluate_test,
+                             resume=task.resume or bool(task.resume_from),
+                             start_over=notes.append if task.resume_from else None,
+                             on_begin=lambda restored: conn.send(("begin", (restored, notes))))
         conn.send((RunState.FINISHED, result.summary()))
     except Pruned:
         conn.send((RunState.PRUNED, None))
@@ -241,7 +253,9 @@ class Scheduler:
         if not got:
             return False
         kind, payload = message
-        if kind == "epoch":
+        if kind == "begin":
+            source.on_begin(run.task, *payload)
+        elif kind == "epoch":
             keep_going = source.on_epoch(run.task, payload)
             run.child.send(bool(keep_going) or not run.task.prunable)
         elif kind == RunState.FINISHED:

@@ -151,6 +151,32 @@ class Tracker:
         self.client.log_text(run_id, json.dumps(config.to_dict(), indent=2), "config.json")
         return run_id
 
+    def continue_run(self, run_id: str, restored: int, tags: dict) -> set | None:
+        """Reopen a retried trial's run for the attempt that continues it from epoch `restored` + 1: RUNNING again,
+        its name without "[interrupted]", its tags this attempt's; returns the epochs it already logged.
+
+        None (make a new run) when the run is gone or logged epochs past `restored`: those would be logged twice.
+        """
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        logged = {m.step for m in self.client.get_metric_history(run_id, "val_ppl")}
+        if run.data.tags.get("kind") != "run" or any(step > restored for step in logged):
+            return None
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in {**tags, "state": RunState.RUNNING}.items()])
+        if "fail_reason" in run.data.tags:
+            self.client.delete_tag(run_id, "fail_reason")
+        name = run.info.run_name
+        for suffix in NAME_SUFFIX.values():
+            name = name.removesuffix(suffix)
+        self.client.update_run(run_id, status="RUNNING", name=name)
+        return logged
+
+    def run_trial(self, run_id: str) -> str | None:
+        """The `trial` tag of a run: the number of the Optuna trial that has it now (a continued run changes hands)."""
+        return self.client.get_run(run_id).data.tags.get("trial")
+
     def log_epoch(self, run_id: str, epoch: EpochResult) -> None:
         """One epoch's metrics (every field of EpochResult; averaging as 0/1), step = epoch."""
         now = _now_ms()
