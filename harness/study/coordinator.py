@@ -5,6 +5,7 @@ into the records of both stores (Optuna through the ledger, MLflow through the t
     python -m harness ablate studies/ablation.toml       # or `worker` on each machine of a shared study
 """
 
+import dataclasses
 import os
 import socket
 import statistics
@@ -41,11 +42,12 @@ class Attempt:
     config: RunConfig
     slot: Slot
     started: float = field(default_factory=time.monotonic)
+    earlier_seconds: float = 0.0  # of the attempts whose run this one continues: `seconds` is the run's total
     lost: bool = False  # another machine failed it as stale; its retry counts, not this run
 
     @property
     def seconds(self) -> float:
-        return time.monotonic() - self.started
+        return self.earlier_seconds + time.monotonic() - self.started
 
 
 def _last_line(text: str) -> str:
@@ -153,9 +155,11 @@ class Coordinator:
         logged = None
         if restored and claim.continues_run:
             attempt.run_id = claim.continues_run
+            earlier = self.tracker.run_seconds(claim.continues_run)
             logged = self.tracker.continue_run(claim.continues_run, len(restored), {
                 **self._run_tags(attempt), "earlier_trials": ",".join(map(str, claim.lineage)),
                 "continued_after_epoch": len(restored)})
+            attempt.earlier_seconds = earlier if logged is not None else 0.0
         logged = self._open_run(attempt, logged)
         self.ledger.restore_epochs(claim, {e.epoch: e.val_ppl for e in restored})
         for epoch in restored:
@@ -201,7 +205,8 @@ class Coordinator:
             attrs["test_ppl"] = result.test_ppl
         attempt.lost = not self.ledger.finish(claim, result.best_val_ppl, attrs)
         if not attempt.lost:
-            self.tracker.finish(attempt.run_id, RunState.FINISHED, result=result)
+            self.tracker.finish(attempt.run_id, RunState.FINISHED,
+                                result=dataclasses.replace(result, seconds=result.seconds + attempt.earlier_seconds))
         return f"val ppl {result.best_val_ppl:.2f} (epoch {result.best_epoch})" + (
             f", test ppl {result.test_ppl:.2f}" if claim.phase == CONFIRM else "")
 

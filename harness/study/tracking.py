@@ -173,6 +173,13 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING", name=name)
         return logged
 
+    def run_seconds(self, run_id: str) -> float:
+        """The `seconds` a run has logged (0 when none): the time its attempts took so far."""
+        try:
+            return float(self.client.get_run(run_id).data.metrics.get("seconds", 0.0))
+        except MlflowException:
+            return 0.0
+
     def run_trial(self, run_id: str) -> str | None:
         """The `trial` tag of a run: the number of the Optuna trial that has it now (a continued run changes hands)."""
         return self.client.get_run(run_id).data.tags.get("trial")
