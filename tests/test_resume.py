@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from helpers import run_harness, tiny_study, wait_for
 from harness.study.rules import PHASES, optuna_name, search_space
+from harness.study.scheduler import HUNG_FACTOR, HUNG_FLOOR, hung_limit
 
 pytestmark = pytest.mark.slow
 
@@ -157,3 +158,27 @@ def test_interrupted_study_resumes_to_the_uninterrupted_result(tmp_path, launch,
           f"again: {sum(redone.values())}")
     assert all(after >= 1 for _, after in continued)
     assert sum(redone.values()) == 0
+
+
+@pytest.mark.fast
+def test_the_watchdogs_limit_is_the_study_files_or_a_generous_multiple_of_the_slowest_epoch():
+    assert hung_limit(30, None) == hung_limit(30, 1000.0) == 30
+    assert hung_limit(0, None) is None  # no epoch time known yet: nothing is judged
+    assert hung_limit(0, 10.0) == HUNG_FLOOR
+    assert hung_limit(0, 1000.0) == HUNG_FACTOR * 1000.0
+
+
+def test_a_stopped_worker_is_killed_by_the_watchdog_and_its_trial_continues(tmp_path, launch, test_corpus,
+                                                                            uninterrupted):
+    study = tiny_study(tmp_path, test_corpus, trials=2, seeds="[1]", edits=[
+        ("epochs = 2", f"epochs = {EPOCHS}"), ("max_retries = 1", "max_retries = 1\nhung_after = 20")])
+    first = launch(*ablate_command(study, tmp_path), name="first")
+    wait_for(lambda: cut_reached(study, tmp_path), 300, f"a trial to report epoch {CUT}")
+    stopped = worker_pids(first.pid)
+    for pid in stopped:  # as a stuck kernel or a dead network mount would leave them: alive, silent
+        os.kill(pid, signal.SIGSTOP)
+    assert first.wait() == 0, first.output
+    assert first.output.count("FAILED: hung: no epoch for") == len(stopped), first.output
+    assert "(limit 20 s: budget.hung_after = 20)" in first.output
+    assert record(study, tmp_path) == uninterrupted
+    assert continued_runs(study, tmp_path)

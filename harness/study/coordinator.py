@@ -353,7 +353,9 @@ def run_study(study: StudyConfig, *, storage: str, tracking_uri: str, slots: lis
             f"(max {study.max_epochs} epochs), {len(study.budget.confirm_seeds)} confirmation seeds; "
             f"{describe_slots(slots)}" + (f"; shared with other machines through {redact(storage)}"
                                           if ledger.shared else "") + estimate)
-        scheduler, waiting_for = Scheduler(slots), None
+        expected = max((r.epoch_seconds for r in view.estimate.rows), default=None) if view.estimate else None
+        scheduler = Scheduler(slots, hung_after=study.budget.hung_after, expected_epoch=expected)
+        waiting_for = None
         with ledger.heartbeat:
             try:
                 while True:
