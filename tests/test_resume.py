@@ -7,16 +7,19 @@ the epochs trained again are printed (`-s`) as the measurement of what an interr
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import optuna
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
 from helpers import run_harness, tiny_study, wait_for
 from harness.study.rules import PHASES, optuna_name, search_space
 from harness.study.scheduler import HUNG_FACTOR, HUNG_FLOOR, hung_limit
+from harness.study.tracking import Tracker
 
 pytestmark = pytest.mark.slow
 
@@ -182,3 +185,31 @@ def test_a_stopped_worker_is_killed_by_the_watchdog_and_its_trial_continues(tmp_
     assert "(limit 20 s: budget.hung_after = 20)" in first.output
     assert record(study, tmp_path) == uninterrupted
     assert continued_runs(study, tmp_path)
+
+
+@pytest.mark.fast
+def test_the_tracker_waits_out_an_mlflow_outage_saying_so_once(tmp_path, test_corpus, monkeypatch):
+    study = tiny_study(tmp_path, test_corpus)
+    lines = []
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", study, study.identity(), {}, log=lines.append)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    calls = []
+    log_batch = tracker.client.log_batch
+
+    def away_twice(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise MlflowException("API request to http://db:5000/api/2.0/mlflow/runs/log-batch failed with "
+                                  "exception HTTPConnectionPool: Max retries exceeded (Connection refused)")
+        return log_batch(*args, **kwargs)
+
+    monkeypatch.setattr(tracker.client, "log_batch", away_twice)
+    tracker.summarize_variant("locked_only", {"search_best_val_ppl": 1.0}, {})
+    assert len(calls) == 3 and len(lines) == 2
+    assert lines[0].startswith("the MLflow tracking store sqlite:///")
+    assert "does not answer (MlflowException)" in lines[0]
+    assert lines[1].startswith("the MLflow tracking store answers again after")
+    monkeypatch.setattr(tracker.client, "log_batch", lambda *a, **k: (_ for _ in ()).throw(MlflowException("bad")))
+    with pytest.raises(MlflowException):  # a real error is not an outage: raised at once
+        tracker.summarize_variant("locked_only", {"search_best_val_ppl": 1.0}, {})
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"  # MLflow's own silent retries are bounded

@@ -329,7 +329,7 @@ def run_study(study: StudyConfig, *, storage: str, tracking_uri: str, slots: lis
         tracker = Tracker(tracking_uri, study, identity, {
             "study": study.name, "git_commit": git_commit(), "corpus": corpus.name, "versions": package_versions(),
             **identity.as_attrs(),
-        })
+        }, log=log)
         claim_runs_dir(runs_dir / study.name, ledger.uid)  # once both stores took this study as theirs
         view = LiveView(study, ledger, len(slots), log)
         coordinator = Coordinator(study, ledger, tracker, runs_dir, view)
