@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -259,6 +260,16 @@ def _load(path: Path, device="cpu") -> dict:
     return saved
 
 
+def _load_best(path: Path, epoch: int, device) -> dict:
+    """best.pt's weights; CheckpointError unless they are those of the best epoch last.pt records."""
+    saved = _load(path, device)
+    recorded = (saved.get("metrics") or {}).get("epoch", epoch)
+    if recorded != epoch:
+        raise CheckpointError(f"{path} holds epoch {recorded}'s weights, but last.pt's best epoch is {epoch}; "
+                              f"{_START_OVER}")
+    return saved["model"]
+
+
 def _first_line(err: Exception) -> str:
     """The error's first sentence (torch's go on for lines of advice that would not fit in one)."""
     text = str(err).strip()
@@ -329,6 +340,41 @@ def _check_layout(path: Path, saved: dict, epochs: int) -> None:
             raise CheckpointError(f"{path}: damaged or foreign: {what[:200]}; {_START_OVER}")
 
 
+def adopt_checkpoints(folder: Path, sources: list[Path]) -> str | None:
+    """Give a retried trial's empty checkpoint folder the checkpoints of the newest earlier attempt that has them.
+
+    `sources`: the folders of the attempts it replaces, newest first (another machine's, on a shared runs folder).
+    Each attempt keeps its own folder, so an attempt still running somewhere (a machine only thought dead) never
+    writes into this one. Returns a one-line note when no earlier attempt left a checkpoint (the trial starts
+    over); CheckpointError when `folder` already holds another run's checkpoints.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    if any((folder / name).exists() for name in CHECKPOINTS):
+        raise CheckpointError(f"{folder} already holds checkpoints of another run (of another Optuna storage?); give "
+                              "this study its own --runs-dir, or delete that folder")
+    for source in sources:
+        if not (source / "last.pt").is_file():
+            continue
+        # best.pt first: within an epoch it is written before last.pt, so this pair is never older than
+        # last.pt's record of it (train_model checks that they agree).
+        for name in ("best.pt", "last.pt"):
+            if (source / name).is_file():
+                _link_or_copy(source / name, folder / name)
+        return None
+    where = ", ".join(str(s) for s in sources[:2]) + (" ..." if len(sources) > 2 else "")
+    return f"no checkpoint of its earlier attempt in {where} (another machine's runs folder, not shared?)"
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    # A hard link costs nothing and is safe: checkpoints are replaced by rename, never written in place.
+    tmp = _tmp(target)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    tmp.replace(target)
+
+
 def clear_checkpoints(folder: Path) -> list[Path]:
     """Delete the files a run writes into its checkpoint folder (and nothing else); returns those deleted."""
     deleted = []
@@ -350,12 +396,17 @@ def train_model(
     progress: bool = True,
     evaluate_test: bool = True,
     resume: bool = True,
+    start_over: Callable[[str], None] | None = None,
+    on_begin: Callable[[tuple], None] | None = None,
 ) -> TrainResult:
     """Train one run to the end; resumes from `checkpoint_dir/last.pt` when it exists.
 
     The test split is evaluated once, with the best weights, and only when `evaluate_test` (a search trial
     must not see it: rates are chosen on validation perplexity alone). With `resume=False` a checkpoint
     already in the folder is another run's: CheckpointError rather than overwriting or continuing it.
+    With `start_over`, a checkpoint that cannot be resumed (damaged, cut off, another config's) is deleted and
+    the run starts from epoch 1, after `start_over(reason)`; without, that is a CheckpointError.
+    `on_begin(epochs)` hears the EpochResults a resumed run restored (empty when it starts at epoch 1).
     Raises UserError before the first step for settings the corpus cannot serve (see check_splits).
     """
     recipe = config.train
@@ -386,8 +437,21 @@ def train_model(
             raise CheckpointError(f"{checkpoint_dir} already holds checkpoints of another run (of another "
                                   "Optuna storage?); give this study its own --runs-dir, or delete that folder")
         if last_path.exists():
-            start_epoch, epochs, best_meta = _resume(last_path, config, corpus, model, optimizer)
-            best = {**best_meta, "model": _load(best_path, device)["model"]}
+            try:
+                start_epoch, epochs, best_meta = _resume(last_path, config, corpus, model, optimizer)
+                best = {**best_meta, "model": _load_best(best_path, best_meta["epoch"], device)}
+            except CheckpointError as err:
+                if start_over is None:
+                    raise
+                start_over(str(err).removesuffix(f"; {_START_OVER}"))
+                clear_checkpoints(checkpoint_dir)
+                # A failed load may have filled part of the model: build it again, from the same seed.
+                seed_everything(recipe.seed)
+                model = AWDLSTM(corpus.vocab_size, config.model, config.dropout).to(device)
+                optimizer = NTASGD(model, config)
+                start_epoch, epochs, best = 0, [], {"epoch": 0, "val_loss": math.inf, "model": None}
+    if on_begin is not None:
+        on_begin(tuple(epochs))
 
     for epoch in range(start_epoch + 1, recipe.epochs + 1):
         # Seeding per epoch makes a resumed run continue exactly as an uninterrupted one would.

@@ -92,9 +92,14 @@ def test_killed_worker_fails_only_its_trial_and_is_retried(tmp_path, test_corpus
     for v in study.variants:  # the full budget, for the other variant too
         done = [t for t in coordinator.ledger.studies[(v, "search")].get_trials() if t.state == TrialState.COMPLETE]
         assert len(done) == 2
-    _, runs, _ = child_runs(uri, study.name)
-    states = sorted(r.data.tags["state"] for r in runs)
-    assert states == ["failed"] + ["finished"] * 4
+    # The retry continued the killed attempt: from its checkpoint, in its MLflow run, every epoch logged once.
+    client, runs, _ = child_runs(uri, study.name)
+    assert sorted(r.data.tags["state"] for r in runs) == ["finished"] * 4
+    (run,) = [r for r in runs if r.info.run_id == failed[0].user_attrs["mlflow_run_id"]]
+    assert run.data.tags["trial"] == str(retry.number) and run.data.tags["continued_after_epoch"] == "1"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_ppl")] == [1, 2]
+    assert sorted(retry.intermediate_values) == [1, 2]
+    assert retry.intermediate_values[1] == failed[0].intermediate_values[1]
 
 
 def test_a_prune_verdict_stops_the_worker_and_is_recorded_everywhere(tmp_path, test_corpus):

@@ -15,7 +15,7 @@ import torch
 
 from harness.data import Corpus
 from harness.errors import UserError
-from harness.train import CheckpointError, check_splits, clear_checkpoints, train_model
+from harness.train import CheckpointError, adopt_checkpoints, check_splits, clear_checkpoints, train_model
 from helpers import tiny_config as config, tiny_corpus
 
 pytestmark = pytest.mark.fast
@@ -237,3 +237,62 @@ def test_an_unreadable_checkpoint_is_named_by_the_first_sentence_of_its_error(tm
 
     monkeypatch.setattr("harness.train.torch.load", damaged)
     assert refusal(tmp_path) == f"{tmp_path / 'last.pt'}: not a readable checkpoint ({reason}); {START_OVER}"
+
+
+# --- a retried trial continuing its earlier attempt (the study's retries) ---------------------------------------
+def continued(folder: Path, sources: list, corpus):
+    """A retried trial's run as a study's worker runs it: adopt the earlier attempts' checkpoints, then train
+    with start-over on; returns (result, notes, epochs it restored)."""
+    notes, restored = [], []
+    note = adopt_checkpoints(folder, sources)
+    notes += [note] if note else []
+    result = train_model(config(epochs=2), corpus, checkpoint_dir=folder, progress=False, evaluate_test=True,
+                         start_over=notes.append, on_begin=restored.extend)
+    return result, notes, restored
+
+
+def test_a_retry_continues_its_earlier_attempts_checkpoint_bit_exactly(tmp_path):
+    corpus = tiny_corpus(n_train=400)
+    whole = train_model(config(epochs=2), corpus, checkpoint_dir=tmp_path / "whole", progress=False)
+    one_epoch(tmp_path / "trial-0", corpus)
+    result, notes, restored = continued(tmp_path / "trial-2", [tmp_path / "trial-1", tmp_path / "trial-0"], corpus)
+    assert notes == [] and [e.epoch for e in restored] == [1]
+    assert [e.val_loss for e in result.epochs] == [e.val_loss for e in whole.epochs]
+    assert (result.test_loss, result.best_epoch) == (whole.test_loss, whole.best_epoch)
+    # The earlier attempt's folder is its own: nothing the retry trained was written there.
+    assert torch.load(tmp_path / "trial-0" / "last.pt", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("damage", ["cut off", "empty", "best.pt of another epoch"])
+def test_a_damaged_checkpoint_makes_the_retry_start_over_with_one_line(tmp_path, damage):
+    corpus = tiny_corpus(n_train=400)
+    fresh = train_model(config(epochs=2), corpus, progress=False)
+    one_epoch(tmp_path / "trial-0", corpus)
+    last = tmp_path / "trial-0" / "last.pt"
+    if damage == "cut off":  # a write cut off mid-way, as a full disk or a dead machine leaves it
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    elif damage == "empty":
+        last.write_bytes(b"")
+    else:
+        best = torch.load(tmp_path / "trial-0" / "best.pt", weights_only=True)
+        best["metrics"]["epoch"] = 2
+        torch.save(best, tmp_path / "trial-0" / "best.pt")
+    result, notes, restored = continued(tmp_path / "trial-1", [tmp_path / "trial-0"], corpus)
+    assert restored == [] and len(notes) == 1 and "\n" not in notes[0]
+    assert notes[0].startswith(str(tmp_path / "trial-1")) and START_OVER not in notes[0]
+    assert [e.val_loss for e in result.epochs] == [e.val_loss for e in fresh.epochs]  # no wrong result either
+
+
+def test_a_retry_with_no_checkpoint_of_its_earlier_attempt_starts_over_saying_where_it_looked(tmp_path):
+    corpus = tiny_corpus(n_train=400)
+    result, notes, restored = continued(tmp_path / "trial-1", [tmp_path / "elsewhere" / "trial-0"], corpus)
+    assert restored == [] and notes == [f"no checkpoint of its earlier attempt in {tmp_path / 'elsewhere' / 'trial-0'} "
+                                        "(another machine's runs folder, not shared?)"]
+    assert len(result.epochs) == 2
+
+
+def test_a_retry_never_adopts_into_a_folder_holding_another_runs_checkpoints(tmp_path):
+    one_epoch(tmp_path / "trial-0")
+    one_epoch(tmp_path / "trial-1")
+    with pytest.raises(CheckpointError, match="already holds checkpoints of another run"):
+        adopt_checkpoints(tmp_path / "trial-1", [tmp_path / "trial-0"])

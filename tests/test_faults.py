@@ -117,11 +117,10 @@ def test_postgres_restart_mid_study_loses_nothing(tmp_path, postgres, mlflow_ser
     wait_for(lambda: all(running_trial(poll, study, m.pid) for m in machines), 120, "both machines to run a trial")
     poll.engine.dispose()
     postgres.stop()
-    # Back only once a coordinator has hit the outage (an event, not a guess at how long that takes). Not both:
-    # one caught inside an MLflow call waits in MLflow's own HTTP retries, which say nothing (a known limit);
-    # what matters is that both come through with nothing lost or run twice.
+    # Back only once both coordinators have announced the outage (an event, not a guess at how long that takes):
+    # one caught inside an MLflow call announces it too, MLflow's own HTTP retries being bounded (tracking.py).
     try:
-        wait_for(lambda: any("does not answer" in m.output for m in machines), 120, "a machine to notice the outage")
+        wait_for(lambda: all("does not answer" in m.output for m in machines), 120, "both machines to notice")
     finally:  # the cluster serves the session's other tests
         postgres.start()
     for machine in machines:

@@ -878,7 +878,28 @@ def test_a_failure_keeps_its_reason_and_the_retry_keeps_only_what_belongs_to_the
     retry = next(t for t in ledger.studies[("awd", CONFIRM)].get_trials(states=(TrialState.WAITING,))
                  if t.user_attrs.get("retry_of") == claim.number)
     assert retry.user_attrs == {"seed": claim.seed, "search_best_val_ppl": failed["search_best_val_ppl"],
-                                "search_trial": failed["search_trial"], "attempt": 2, "retry_of": claim.number}
+                                "search_trial": failed["search_trial"], "attempt": 2, "retry_of": claim.number,
+                                "lineage": [claim.number], "continues_run": "abc"}
+
+
+def test_a_retry_continues_its_earlier_attempts_checkpoints_run_and_epochs(tmp_path):
+    study = make_study(tmp_path, trials=1)
+    ledger = open_ledger(study)
+    first = ledger.claim("awd", SEARCH)
+    ledger.annotate(first, {"mlflow_run_id": "run-a"})
+    for epoch in (1, 2):
+        ledger.report_epoch(first, epoch, 100.0 - epoch)
+    ledger.fail(first, "worker process died (killed by signal 9)")
+    second = ledger.claim("awd", SEARCH)
+    assert (second.lineage, second.continues_run) == ((first.number,), "run-a")
+    ledger.fail(second, "interrupted (Ctrl-C)", interrupted=True)  # before its worker said what it continues
+    third = ledger.claim("awd", SEARCH)
+    # Newest first, and the run of the last attempt that had one.
+    assert (third.lineage, third.continues_run) == ((second.number, first.number), "run-a")
+    ledger.restore_epochs(third, {1: 99.0, 2: 98.0})
+    ledger.restore_epochs(third, {1: 99.0, 2: 98.0})  # repeated after a dropped connection: no harm
+    assert ledger.report_epoch(third, 3, 97.0)
+    assert ledger.storage.get_trial(third.trial_id).intermediate_values == {1: 99.0, 2: 98.0, 3: 97.0}
 
 
 def test_hyperband_prunes_parallel_trials_before_any_has_finished(tmp_path):

@@ -5,6 +5,7 @@ into the records of both stores (Optuna through the ledger, MLflow through the t
     python -m harness ablate studies/ablation.toml       # or `worker` on each machine of a shared study
 """
 
+import dataclasses
 import os
 import socket
 import statistics
@@ -12,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.config import RunConfig
 from harness.data import find_split_files, load_corpus
 from harness.errors import UserError
 from harness.study import rules
@@ -37,13 +39,16 @@ class Attempt:
     """A trial this coordinator runs: its claim, its MLflow run, and whether another machine took it over."""
 
     claim: Claim
-    run_id: str
+    run_id: str | None  # None until a retry's worker says whether it continues its earlier attempt's run
+    config: RunConfig
+    slot: Slot
     started: float = field(default_factory=time.monotonic)
+    earlier_seconds: float = 0.0  # of the attempts whose run this one continues: `seconds` is the run's total
     lost: bool = False  # another machine failed it as stale; its retry counts, not this run
 
     @property
     def seconds(self) -> float:
-        return time.monotonic() - self.started
+        return self.earlier_seconds + time.monotonic() - self.started
 
 
 def _last_line(text: str) -> str:
@@ -98,26 +103,72 @@ class Coordinator:
         seed = claim.seed if claim.phase == CONFIRM else self.study.fixed.train.seed
         config = self.study.run_config(claim.variant, {**claim.params, "train.seed": seed,
                                                        "train.epochs": self.study.max_epochs})
-        name = f"{claim.variant} {claim.phase} #{claim.number}" + (f" seed {seed}" if claim.phase == CONFIRM else "")
-        run_id = self.tracker.start_run(config, name, {
-            "phase": claim.phase, "trial": claim.number, "seed": seed, "device": slot.device,
+        attempt = self.attempts[claim.key] = Attempt(claim, None, config, slot)
+        if not claim.lineage:  # a retry's run waits for its worker: the run it continues, or a new one
+            self._open_run(attempt, set())
+        folder = self._checkpoints(claim)
+        # A claimed trial is always new (a retry gets a new number): what its folder holds is another run's. A retry
+        # continues the newest checkpoint of the attempts it replaces (each kept its own folder).
+        return Task(claim.key, config, str(folder(claim.number)), prunable=claim.phase == SEARCH,
+                    evaluate_test=claim.phase == CONFIRM, resume=False,
+                    resume_from=tuple(str(folder(n)) for n in claim.lineage), identity=self.ledger.identity)
+
+    def _checkpoints(self, claim: Claim):
+        base = self.runs_dir / self.study.name / claim.variant / claim.phase
+        return lambda number: base / f"trial-{number}"
+
+    def _run_tags(self, attempt: Attempt) -> dict:
+        claim, slot = attempt.claim, attempt.slot
+        return {
+            "phase": claim.phase, "trial": claim.number, "seed": attempt.config.train.seed, "device": slot.device,
             "device_name": self.device_names.setdefault(slot.device, device_name(slot.device)),
             "coordinator": self.coordinator, "attempt": claim.attempt,
             "optuna_study": optuna_name(self.study, claim.variant, claim.phase),
             **({"retry_of": claim.retry_of} if claim.retry_of is not None else {}),
-        })
-        self.ledger.annotate(claim, {"device": slot.device, "coordinator": self.coordinator, "mlflow_run_id": run_id,
-                                     "attempt": claim.attempt})
-        self.attempts[claim.key] = Attempt(claim, run_id)
-        checkpoints = self.runs_dir / self.study.name / claim.variant / claim.phase / f"trial-{claim.number}"
-        # A claimed trial is always new (a retry gets a new number): what its folder holds is another run's.
-        return Task(claim.key, config, str(checkpoints), prunable=claim.phase == SEARCH,
-                    evaluate_test=claim.phase == CONFIRM, resume=False, identity=self.ledger.identity)
+        }
+
+    def _open_run(self, attempt: Attempt, logged: set | None) -> set:
+        """The attempt's MLflow run: the one its earlier attempts logged to when `logged` (their epochs) is given
+        by Tracker.continue_run, else a new one. Returns the epochs it already holds."""
+        claim = attempt.claim
+        if logged is None or not attempt.run_id:
+            name = f"{claim.variant} {claim.phase} #{claim.number}" + (
+                f" seed {attempt.config.train.seed}" if claim.phase == CONFIRM else "")
+            attempt.run_id, logged = self.tracker.start_run(attempt.config, name, self._run_tags(attempt)), set()
+        self.ledger.annotate(claim, {"device": attempt.slot.device, "coordinator": self.coordinator,
+                                     "mlflow_run_id": attempt.run_id, "attempt": claim.attempt})
+        return logged
 
     # --- what happened --------------------------------------------------------------------------------
     def on_start(self, task: Task, slot: Slot) -> None:
         claim = self.attempts[task.key].claim
         self.view.run_started(task.key, claim.variant, claim.phase, slot.device, claim.params)
+
+    def on_begin(self, task: Task, restored: tuple, notes: list) -> None:
+        """The worker has loaded what it continues: a retry restored the epochs of its earlier attempt (recorded now
+        as its own, in both stores, each once) or starts over, saying why in one line."""
+        attempt = self.attempts[task.key]
+        claim = attempt.claim
+        for note in notes:
+            self.view.say(f"{claim.key}: starting over at epoch 1: {note}")
+        if not claim.lineage:
+            return
+        logged = None
+        if restored and claim.continues_run:
+            attempt.run_id = claim.continues_run
+            earlier = self.tracker.run_seconds(claim.continues_run)
+            logged = self.tracker.continue_run(claim.continues_run, len(restored), {
+                **self._run_tags(attempt), "earlier_trials": ",".join(map(str, claim.lineage)),
+                "continued_after_epoch": len(restored)})
+            attempt.earlier_seconds = earlier if logged is not None else 0.0
+        logged = self._open_run(attempt, logged)
+        self.ledger.restore_epochs(claim, {e.epoch: e.val_ppl for e in restored})
+        for epoch in restored:
+            if epoch.epoch not in logged:
+                self.tracker.log_epoch(attempt.run_id, epoch)
+        if restored:
+            self.view.resumed(task.key, len(restored))
+            self.view.say(f"continue {claim.key} after epoch {len(restored)} (trial {claim.lineage[0]}'s checkpoint)")
 
     def on_epoch(self, task: Task, epoch: EpochResult) -> bool:
         """Record the epoch, Optuna first: its verdict decides whether the trial goes on, and the ledger says so
@@ -130,7 +181,7 @@ class Coordinator:
             keep_going = self.ledger.report_epoch(attempt.claim, epoch.epoch, epoch.val_ppl)
         except TrialLost:
             attempt.lost = True  # failed as stale elsewhere while this machine could not beat: stop it
-            keep_going = False
+            return False  # its run is the retry's to continue: nothing more is logged there from here
         self.tracker.log_epoch(attempt.run_id, epoch)
         return keep_going
 
@@ -143,7 +194,9 @@ class Coordinator:
         what = "" if attempt.lost else record(attempt, outcome)
         if attempt.lost:  # found out during its epochs, or while telling the ledger
             what = LOST
-            self.tracker.finish(attempt.run_id, RunState.FAILED, reason=LOST, seconds=attempt.seconds)
+            # Unless its retry has taken the run over already (a continued run changes hands).
+            if attempt.run_id and self.tracker.run_trial(attempt.run_id) == str(attempt.claim.number):
+                self.tracker.finish(attempt.run_id, RunState.FAILED, reason=LOST, seconds=attempt.seconds)
         self.view.run_ended(task.key, outcome.state, slot.device, attempt.seconds, what,
                             counted=outcome.state in (RunState.FINISHED, RunState.PRUNED) and not attempt.lost)
         if not self.stopping:
@@ -156,7 +209,8 @@ class Coordinator:
             attrs["test_ppl"] = result.test_ppl
         attempt.lost = not self.ledger.finish(claim, result.best_val_ppl, attrs)
         if not attempt.lost:
-            self.tracker.finish(attempt.run_id, RunState.FINISHED, result=result)
+            self.tracker.finish(attempt.run_id, RunState.FINISHED,
+                                result=dataclasses.replace(result, seconds=result.seconds + attempt.earlier_seconds))
         return f"val ppl {result.best_val_ppl:.2f} (epoch {result.best_epoch})" + (
             f", test ppl {result.test_ppl:.2f}" if claim.phase == CONFIRM else "")
 
@@ -173,8 +227,9 @@ class Coordinator:
         # Not the trial's fault either way: retried without using an attempt, like an interruption.
         interrupted = self.stopping or outside
         retried = self.ledger.fail(attempt.claim, outcome.reason, interrupted=interrupted)
-        self.tracker.finish(attempt.run_id, RunState.INTERRUPTED if interrupted else RunState.FAILED,
-                            reason=outcome.reason, seconds=attempt.seconds)
+        if attempt.run_id is not None:  # else its retry continues the earlier attempt's run as it was
+            self.tracker.finish(attempt.run_id, RunState.INTERRUPTED if interrupted else RunState.FAILED,
+                                reason=outcome.reason, seconds=attempt.seconds)
         head = "FAILED outside the trial" if outside else "interrupted" if interrupted else "FAILED"
         fate = {True: " (will be retried)", False: " (retries used up)", None: ""}[retried]
         return f"{head}: {_last_line(outcome.reason)}{fate}" + ("; starting no more trials here" if outside else "")
@@ -281,7 +336,7 @@ def run_study(study: StudyConfig, *, storage: str, tracking_uri: str, slots: lis
         tracker = Tracker(tracking_uri, study, identity, {
             "study": study.name, "git_commit": git_commit(), "corpus": corpus.name, "versions": package_versions(),
             **identity.as_attrs(),
-        })
+        }, log=log)
         claim_runs_dir(runs_dir / study.name, ledger.uid)  # once both stores took this study as theirs
         view = LiveView(study, ledger, len(slots), log)
         coordinator = Coordinator(study, ledger, tracker, runs_dir, view)
@@ -305,7 +360,9 @@ def run_study(study: StudyConfig, *, storage: str, tracking_uri: str, slots: lis
             f"(max {study.max_epochs} epochs), {len(study.budget.confirm_seeds)} confirmation seeds; "
             f"{describe_slots(slots)}" + (f"; shared with other machines through {redact(storage)}"
                                           if ledger.shared else "") + estimate)
-        scheduler, waiting_for = Scheduler(slots), None
+        expected = max((r.epoch_seconds for r in view.estimate.rows), default=None) if view.estimate else None
+        scheduler = Scheduler(slots, hung_after=study.budget.hung_after, expected_epoch=expected)
+        waiting_for = None
         with ledger.heartbeat:
             try:
                 while True:

@@ -41,6 +41,10 @@ class LiveView:
         self.running[key] = (variant, phase, 0)
         self.say(f"start  {key} on {device}{format_params(params)}")
 
+    def resumed(self, key: str, epochs: int) -> None:
+        """A retry continued its earlier attempt's checkpoint: those epochs are done (the estimate of what is left)."""
+        self.epoch_done(key, epochs)
+
     def epoch_done(self, key: str, epoch: int) -> None:
         variant, phase, _ = self.running[key]
         self.running[key] = (variant, phase, epoch)

@@ -7,7 +7,8 @@ joblib gives the cgroup-aware core count; its process pools are not used (one de
 import dataclasses
 import signal
 import traceback
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -43,6 +44,22 @@ class Task:
     evaluate_test: bool = True  # only confirmation runs see the test split
     resume: bool = True  # False: the task is new, so checkpoints already in its folder are another run's
     identity: StudyIdentity | None = None  # the study's corpus MD5s: a trial loading other text stops the study
+    # A retried trial: the checkpoint folders of the attempts it replaces, newest first. It continues from the
+    # newest checkpoint there (its folder, empty until then, gets a copy), or starts over saying why.
+    resume_from: tuple = ()
+
+
+# The watchdog's automatic limit: no epoch for HUNG_FACTOR x the slowest epoch seen (or expected), at least
+# HUNG_FLOOR seconds. Generous: killing a healthy trial costs its epoch in flight and an attempt.
+HUNG_FACTOR, HUNG_FLOOR = 5.0, 600.0
+
+
+def hung_limit(hung_after: float, slowest_epoch: float | None) -> float | None:
+    """Seconds without an epoch after which a trial counts as hung: `hung_after` (budget.hung_after) when set, else
+    HUNG_FACTOR x the slowest epoch (None while no epoch time is known: nothing is judged yet)."""
+    if hung_after:
+        return hung_after
+    return None if slowest_epoch is None else max(HUNG_FLOOR, HUNG_FACTOR * slowest_epoch)
 
 
 MAX_PER_DEVICE = 256  # trials at once per device (each is a process): more is a typo, not a plan
@@ -68,6 +85,8 @@ class TaskSource(Protocol):
     def next_task(self, slot: Slot) -> Task | None: ...
 
     def on_start(self, task: Task, slot: Slot) -> None: ...
+
+    def on_begin(self, task: Task, restored: tuple, notes: list) -> None: ...  # epochs restored, why started over
 
     def on_epoch(self, task: Task, epoch: "EpochResult") -> bool: ...  # False = prune
 
@@ -142,7 +161,7 @@ def _worker(task: Task, slot: Slot, conn) -> None:
     import torch
 
     from harness.data import load_corpus
-    from harness.train import TrainingDiverged, train_model
+    from harness.train import TrainingDiverged, adopt_checkpoints, train_model
 
     class Pruned(Exception):
         pass
@@ -161,8 +180,15 @@ def _worker(task: Task, slot: Slot, conn) -> None:
             problem = dataclasses.replace(task.identity, corpus_md5=corpus.md5).mismatch(task.identity.as_attrs())
             if problem:
                 raise UserError(problem)
+        notes = []  # why a retried trial starts over rather than continuing (one line each)
+        if task.resume_from:
+            note = adopt_checkpoints(Path(task.checkpoint_dir), [Path(p) for p in task.resume_from])
+            notes += [note] if note else []
         result = train_model(task.config, corpus, device=slot.device, checkpoint_dir=Path(task.checkpoint_dir),
-                             on_epoch=on_epoch, progress=False, evaluate_test=task.evaluate_test, resume=task.resume)
+                             on_epoch=on_epoch, progress=False, evaluate_test=task.evaluate_test,
+                             resume=task.resume or bool(task.resume_from),
+                             start_over=notes.append if task.resume_from else None,
+                             on_begin=lambda restored: conn.send(("begin", (restored, notes))))
         conn.send((RunState.FINISHED, result.summary()))
     except Pruned:
         conn.send((RunState.PRUNED, None))
@@ -184,15 +210,20 @@ class RunningTask:
     slot: Slot
     child: Child
     outcome: Outcome | None = None
+    progress: float = field(default_factory=time.monotonic)  # when it last started, began or ended an epoch
 
 
 class Scheduler:
     """Runs the tasks a TaskSource hands out on the slots until it has no more and none is running."""
 
-    def __init__(self, slots: list[Slot], tick_seconds: float = 1.0):
+    def __init__(self, slots: list[Slot], tick_seconds: float = 1.0, *, hung_after: float = 0,
+                 expected_epoch: float | None = None):
         self.slots = slots
         self.tick_seconds = tick_seconds
         self.running: dict[int, RunningTask] = {}  # slot index -> its task
+        # The watchdog: budget.hung_after, else a multiple of the slowest epoch measured here (until one is, the
+        # plan's estimate of the slowest, when there is one).
+        self.hung_after, self.slowest_epoch = hung_after, expected_epoch
 
     def run(self, source: TaskSource) -> None:
         """Schedule until the source has no task left and nothing runs (Ctrl-C: the caller calls stop)."""
@@ -226,7 +257,10 @@ class Scheduler:
     def _wait_and_handle(self, source: TaskSource) -> None:
         for run in ready([run.child for run in self.running.values()], self.tick_seconds):
             self._read(self._run_of(run), source)
+        limit = hung_limit(self.hung_after, self.slowest_epoch)
         for index, run in list(self.running.items()):
+            if run.child.alive and run.outcome is None and limit and time.monotonic() - run.progress > limit:
+                self._kill_hung(run, limit)
             if run.child.alive and run.outcome is None:
                 continue
             run.child.process.join(timeout=30)
@@ -239,6 +273,14 @@ class Scheduler:
             del self.running[index]
             source.on_done(run.task, run.slot, run.outcome)
 
+    def _kill_hung(self, run: RunningTask, limit: float) -> None:
+        """The watchdog's verdict: no epoch for `limit` seconds. SIGKILL, which also ends a stopped process."""
+        why = (f"budget.hung_after = {self.hung_after:g}" if self.hung_after else
+               f"{HUNG_FACTOR:g} x the slowest epoch here, {self.slowest_epoch:.0f} s, at least {HUNG_FLOOR:.0f} s")
+        run.child.process.kill()
+        run.outcome = Outcome(RunState.FAILED, reason=f"hung: no epoch for {time.monotonic() - run.progress:.0f} s "
+                                                      f"(limit {limit:.0f} s: {why}) on {run.slot.device}; killed")
+
     def _run_of(self, child: Child) -> RunningTask:
         return next(run for run in self.running.values() if run.child is child)
 
@@ -248,7 +290,14 @@ class Scheduler:
         if not got:
             return False
         kind, payload = message
-        if kind == "epoch":
+        if kind in ("begin", "epoch"):
+            now = time.monotonic()
+            if kind == "epoch":  # a whole epoch since the run began or its last epoch
+                self.slowest_epoch = max(self.slowest_epoch or 0.0, now - run.progress)
+            run.progress = now
+        if kind == "begin":
+            source.on_begin(run.task, *payload)
+        elif kind == "epoch":
             keep_going = source.on_epoch(run.task, payload)
             run.child.send(bool(keep_going) or not run.task.prunable)
         elif kind == RunState.FINISHED:

@@ -123,12 +123,15 @@ class BudgetConfig:
     pruner_startup_trials: int = 2  # median pruner: finished trials it needs before it prunes any
     confirm_seeds: tuple = (1, 2, 3, 4, 5)
     max_retries: int = 2
+    # A trial with no epoch for this many seconds (stopped, a stuck kernel, a dead network mount) is killed and
+    # retried from its checkpoint. 0 = automatic: a multiple of the slowest epoch so far (scheduler.hung_limit).
+    hung_after: int = 0
 
     def __post_init__(self):
         check_numbers(self)
         check_positive(self, "trials")
         check_choice("pruner", self.pruner, PRUNERS)
-        check_non_negative(self, "epochs", "warmup_epochs", "pruner_startup_trials", "max_retries")
+        check_non_negative(self, "epochs", "warmup_epochs", "pruner_startup_trials", "max_retries", "hung_after")
         for name, runs in (("trials", self.trials), ("confirm_seeds", len(self.confirm_seeds))):
             if runs > MAX_TRIALS:
                 raise ValueError(f"{name} asks for {runs} runs per arm, more than {MAX_TRIALS}: a typo, not a plan; "

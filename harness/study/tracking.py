@@ -8,6 +8,7 @@ commit, corpus MD5, state).
 import dataclasses
 import json
 import math
+import os
 import platform
 import shlex
 import subprocess
@@ -16,12 +17,15 @@ from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import requests
+import sqlalchemy
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, LifecycleStage, Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 
 from harness.config import RunConfig
 from harness.errors import UserError
+from harness.study.ledger.storage import Patient, patient
 from harness.study.rules import CONFIRM, PHASES, RunState
 from harness.study.spec import StudyConfig, StudyIdentity
 from harness.study.stores import DEFAULT_TRACKING_URI, redact, sqlite_path
@@ -161,10 +165,30 @@ def check_experiment(uri: str, study: StudyConfig, identity: StudyIdentity, optu
                         "the study file another study.name")
 
 
-class Tracker:
-    """Writes one study's runs to MLflow; refuses an experiment recorded under another identity."""
+# MLflow's HTTP client would retry a server that is away for minutes without a word: a few quick tries, so that the
+# tracker's own patience (one announcement, bounded retries, one line) speaks for it. Set them to override.
+HTTP_PATIENCE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+# What a tracking server or database that is down or restarting makes MLflow raise: its REST client wraps
+# connection errors in an MlflowException, and a server whose database is away answers 5xx naming the database
+# error. Any other MlflowException is a real error, raised at once.
+OUTAGE_CODES = ("TEMPORARILY_UNAVAILABLE",)
+OUTAGE_TEXT = ("Max retries exceeded", "Connection refused", "ConnectionError", "Read timed out",
+               "OperationalError", "server closed the connection", "could not connect to server",
+               "the database system is")
 
-    def __init__(self, uri: str, study: StudyConfig, identity: StudyIdentity, common_tags: dict):
+
+class Tracker(Patient):
+    """Writes one study's runs to MLflow; refuses an experiment recorded under another identity. Every write waits
+    out a tracking store that went away, as the ledger does for Optuna (ledger.storage.Patient)."""
+
+    store_kind = "the MLflow tracking store"
+
+    def __init__(self, uri: str, study: StudyConfig, identity: StudyIdentity, common_tags: dict, log=print):
+        super().__init__(None, log)
+        self.uri = uri
+        for name, value in HTTP_PATIENCE.items():
+            os.environ.setdefault(name, value)
         self.client = MlflowClient(tracking_uri=uri)
         self.study, self.identity, self.common_tags = study, identity, common_tags
         experiment = _study_experiment(self.client, uri, study, identity)
@@ -186,9 +210,20 @@ class Tracker:
                     self.client.set_experiment_tag(self.experiment_id, key, value)
         self.parents: dict[str, str] = {}
 
+    def store_name(self) -> str:
+        return f"{self.store_kind} {redact(self.uri)}"
+
+    def is_outage(self, err: Exception) -> bool:
+        if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                            sqlalchemy.exc.OperationalError)):
+            return True
+        return isinstance(err, MlflowException) and (
+            err.error_code in OUTAGE_CODES or any(text in str(err) for text in OUTAGE_TEXT))
+
     def _runs(self, filter_string: str) -> list:
         return list(self.client.search_runs([self.experiment_id], filter_string, max_results=5000))
 
+    @patient
     def parent_run(self, variant: str) -> str:
         """The variant's parent run, created once and found again on resume (RUNNING again if it had ended)."""
         if variant not in self.parents:
@@ -211,6 +246,7 @@ class Tracker:
             return {}
         return {"base_variant": found.variant, **{f"axis.{key}": str(value) for key, value in found.axes}}
 
+    @patient
     def start_run(self, config: RunConfig, name: str, tags: dict) -> str:
         """A child run of the variant with params, tags and the study file and config as artifacts."""
         parent = self.parent_run(config.variant)
@@ -244,12 +280,54 @@ class Tracker:
         if inputs:
             self.client.log_inputs(run_id, datasets=inputs)
 
+    @patient
+    def continue_run(self, run_id: str, restored: int, tags: dict) -> set | None:
+        """Reopen a retried trial's run for the attempt that continues it from epoch `restored` + 1: RUNNING again,
+        its name without "[interrupted]", its tags this attempt's; returns the epochs it already logged.
+
+        None (make a new run) when the run is gone or logged epochs past `restored`: those would be logged twice.
+        """
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as err:
+            if self.is_outage(err):
+                raise
+            return None  # deleted in the UI, or never written
+        logged = {m.step for m in self.client.get_metric_history(run_id, "val_ppl")}
+        if run.data.tags.get("kind") != "run" or any(step > restored for step in logged):
+            return None
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in {**tags, "state": RunState.RUNNING}.items()])
+        if "fail_reason" in run.data.tags:
+            self.client.delete_tag(run_id, "fail_reason")
+        name = run.info.run_name
+        for suffix in NAME_SUFFIX.values():
+            name = name.removesuffix(suffix)
+        self.client.update_run(run_id, status="RUNNING", name=name)
+        return logged
+
+    @patient
+    def run_seconds(self, run_id: str) -> float:
+        """The `seconds` a run has logged (0 when none): the time its attempts took so far."""
+        try:
+            return float(self.client.get_run(run_id).data.metrics.get("seconds", 0.0))
+        except MlflowException as err:
+            if self.is_outage(err):
+                raise
+            return 0.0
+
+    @patient
+    def run_trial(self, run_id: str) -> str | None:
+        """The `trial` tag of a run: the number of the Optuna trial that has it now (a continued run changes hands)."""
+        return self.client.get_run(run_id).data.tags.get("trial")
+
+    @patient
     def log_epoch(self, run_id: str, epoch: EpochResult) -> None:
         """One epoch's metrics (every field of EpochResult; averaging as 0/1), step = epoch."""
         now = _now_ms()
         self.client.log_batch(run_id, metrics=[Metric(k, float(getattr(epoch, k)), now, epoch.epoch)
                                                for k in EPOCH_METRICS])
 
+    @patient
     def finish(self, run_id: str, state: RunState, *, reason: str = "", result: RunResult | None = None,
                seconds: float | None = None) -> None:
         """End a child run as finished, pruned, failed or interrupted, with its summary metrics: the RunResult's
@@ -263,6 +341,7 @@ class Tracker:
                 self.client.update_run(run_id, name=name + NAME_SUFFIX[state])
         self.client.set_terminated(run_id, MLFLOW_STATUS[state], now)
 
+    @patient
     def set_parent_state(self, variant: str, state: RunState) -> None:
         """The variant's parent run: running (being worked on), finished (settled with results), failed (nothing
         could finish) or interrupted (the coordinator stopped before the variant settled)."""
@@ -275,6 +354,7 @@ class Tracker:
         else:
             self.client.set_terminated(run_id, status, _now_ms())
 
+    @patient
     def summarize_variant(self, variant: str, metrics: dict, tags: dict) -> None:
         """Headline numbers on the parent run (best search value, confirmation mean)."""
         self._write_summary(self.parent_run(variant), metrics, tags)
@@ -291,6 +371,7 @@ class Tracker:
             tags=[RunTag(k, str(v)) for k, v in tags.items() if data.tags.get(k) != str(v)],
         )
 
+    @patient
     def close_stale_runs(self) -> int:
         """Child runs left RUNNING by the local coordinator that stopped: mark them interrupted."""
         stale = self._runs("tags.kind = 'run' and attributes.status = 'RUNNING'")
@@ -298,6 +379,7 @@ class Tracker:
             self.finish(run.info.run_id, RunState.INTERRUPTED, reason="the coordinator stopped while it ran")
         return len(stale)
 
+    @patient
     def close_trial_runs(self, optuna_study: str, trial: int, state: RunState, reason: str) -> int:
         """End the runs still RUNNING for one Optuna trial whose coordinator is gone; returns how many.
 

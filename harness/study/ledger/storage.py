@@ -149,23 +149,33 @@ class Patient:
         self.storage, self.log = storage, log
         self.outage_since: float | None = None
 
+    store_kind = "the Optuna storage"  # the tracker's is its MLflow tracking store
+
+    def store_name(self) -> str:
+        """The store in the user's words, with its URL (passwords masked)."""
+        return f"{self.store_kind} {redact(storage_url(self.storage))}"
+
+    def is_outage(self, err: Exception) -> bool:
+        """Whether an error means the store is away (down, restarting, unreachable) rather than a real failure."""
+        return isinstance(err, STORAGE_ERRORS)
+
     def _outage(self, err: Exception) -> None:
         """Note that the storage is away; give up once it has been for RECONNECT_SECONDS."""
         now = time.monotonic()
         if self.outage_since is None:
             self.outage_since = now
-            self.log(f"the Optuna storage {redact(storage_url(self.storage))} does not answer ({type(err).__name__}); "
+            self.log(f"{self.store_name()} does not answer ({type(err).__name__}); "
                      f"retrying for up to {RECONNECT_SECONDS} s")
         elif now - self.outage_since > RECONNECT_SECONDS:
             raise UserError(
-                f"the Optuna storage {redact(storage_url(self.storage))} did not answer for {RECONNECT_SECONDS} s; the "
+                f"{self.store_name()} did not answer for {RECONNECT_SECONDS} s; the "
                 "trials running here will be retried by the other machines, or when this command is run again"
             ) from None
 
     def _reconnected(self) -> None:
         if self.outage_since is None:
             return
-        self.log(f"the Optuna storage answers again after {time.monotonic() - self.outage_since:.0f} s")
+        self.log(f"{self.store_kind} answers again after {time.monotonic() - self.outage_since:.0f} s")
         self.outage_since = None
         self.after_outage()
 
@@ -178,16 +188,28 @@ def patient(method):
 
     @functools.wraps(method)
     def wrapper(self: Patient, *args, **kwargs):
-        delay = 1.0
-        while True:
-            try:
-                result = method(self, *args, **kwargs)
-            except STORAGE_ERRORS as err:
-                self._outage(err)
-                time.sleep(delay)
-                delay = min(2 * delay, 10.0)
-                continue
-            self._reconnected()
-            return result
+        if getattr(self, "_inside_patient", False):  # a patient method called by another: the outer one waits
+            return method(self, *args, **kwargs)
+        self._inside_patient = True
+        try:
+            return _retry(self, method, args, kwargs)
+        finally:
+            self._inside_patient = False
 
     return wrapper
+
+
+def _retry(self: Patient, method, args, kwargs):
+    delay = 1.0
+    while True:
+        try:
+            result = method(self, *args, **kwargs)
+        except Exception as err:
+            if not self.is_outage(err):
+                raise
+            self._outage(err)
+            time.sleep(delay)
+            delay = min(2 * delay, 10.0)
+            continue
+        self._reconnected()
+        return result

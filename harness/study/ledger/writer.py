@@ -87,6 +87,8 @@ class Claim:
     attempt: int
     retry_of: int | None
     trial: optuna.Trial = field(repr=False, compare=False)
+    lineage: tuple = ()  # numbers of the earlier attempts this retry replaces, newest first (their checkpoints)
+    continues_run: str | None = None  # the MLflow run of those attempts, which this one continues when it can
 
     @property
     def key(self) -> str:
@@ -234,7 +236,8 @@ class Ledger(StudyTrials):
             attrs = waiting.user_attrs
             self.heartbeat.add(trial_id)
             return Claim(variant, phase, waiting.number, trial_id, dict(trial.params), attrs.get("seed"),
-                         int(attrs.get("attempt", 1)), attrs.get("retry_of"), trial)
+                         int(attrs.get("attempt", 1)), attrs.get("retry_of"), trial,
+                         tuple(attrs.get("lineage", ())), attrs.get("continues_run"))
         return None
 
     @patient
@@ -244,6 +247,20 @@ class Ledger(StudyTrials):
             self.storage.set_trial_user_attr(claim.trial_id, key, value)
 
     # --- what happened ------------------------------------------------------------------------------
+    @patient
+    def restore_epochs(self, claim: Claim, values: dict) -> None:
+        """A retry that continues its earlier attempt's checkpoint: record the epochs it restored (epoch -> validation
+        perplexity) as its own, so the pruner judges it as the uninterrupted trial and the dashboard draws one curve.
+
+        Not judged: the earlier attempt went on after each of them.
+        """
+        if claim.phase != SEARCH:
+            return
+        done = self.storage.get_trial(claim.trial_id).intermediate_values
+        for epoch, val_ppl in sorted(values.items()):
+            if epoch not in done:  # a call repeated after a dropped connection
+                claim.trial.report(val_ppl, epoch)
+
     @patient
     def report_epoch(self, claim: Claim, epoch: int, val_ppl: float) -> bool:
         """Record one epoch's validation perplexity (step = epoch); True while the run should go on.
@@ -311,9 +328,14 @@ class Ledger(StudyTrials):
             return None
         if retry:
             attrs = {k: v for k, v in frozen.user_attrs.items() if k not in _PER_ATTEMPT_ATTRS}
+            # The retry continues this attempt: its checkpoint folder (and, failing that, its predecessors') and
+            # its MLflow run (or the one this attempt was to continue, when it died before making its own).
+            lineage = [frozen.number, *frozen.user_attrs.get("lineage", ())]
+            run = frozen.user_attrs.get("mlflow_run_id") or frozen.user_attrs.get("continues_run")
             self.studies[(variant, phase)].enqueue_trial(
                 dict(frozen.params),
-                user_attrs={**attrs, "attempt": next_attempt, "retry_of": frozen.number})
+                user_attrs={**attrs, "attempt": next_attempt, "retry_of": frozen.number, "lineage": lineage,
+                            **({"continues_run": run} if run else {})})
         return retry
 
     @patient

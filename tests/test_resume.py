@@ -1,0 +1,215 @@
+"""A study interrupted mid-trial and resumed records exactly what an uninterrupted one does: the retried trial
+continues from its earlier attempt's last checkpoint (bit-exact on the CPU), every epoch once in Optuna and MLflow.
+
+Each interruption (kill -9 of the coordinator's process group, SIGTERM, a killed worker) lands at a chosen epoch;
+the epochs trained again are printed (`-s`) as the measurement of what an interruption costs.
+"""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from optuna.trial import TrialState
+
+from helpers import run_harness, tiny_study, wait_for
+from harness.study.rules import PHASES, optuna_name, search_space
+from harness.study.scheduler import HUNG_FACTOR, HUNG_FLOOR, hung_limit
+from harness.study.tracking import Tracker
+
+pytestmark = pytest.mark.slow
+
+EPOCHS, CUT = 4, 2  # trials of 4 epochs, interrupted once a trial has reported epoch 2
+# Timing metrics differ between any two runs; every other metric of every epoch must be identical.
+TIMING = ("epoch_seconds", "tokens_per_s")
+
+
+def resume_study(tmp_path, corpus):
+    return tiny_study(tmp_path, corpus, trials=2, seeds="[1]", edits=[("epochs = 2", f"epochs = {EPOCHS}")])
+
+
+def ablate_command(study, folder: Path) -> list:
+    return ["ablate", study.path, "--storage", f"sqlite:///{folder / 'optuna.db'}",
+            "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}", "--devices", "cpu", "--trials-per-device", 2,
+            "--runs-dir", folder / "runs", "--reports-dir", folder / "reports"]
+
+
+def record(study, folder: Path) -> dict:
+    """What the stores hold, keyed by what a trial trains (variant, phase, parameters, seed): Optuna's value and
+    intermediate values of each finished trial, MLflow's per-epoch metrics of each finished run (step -> value,
+    failing on any step logged twice)."""
+    storage = f"sqlite:///{folder / 'optuna.db'}"
+    out = {}
+    for variant in study.variants:
+        for phase in PHASES:
+            ostudy = optuna.load_study(study_name=optuna_name(study, variant, phase), storage=storage)
+            for t in ostudy.get_trials(states=(TrialState.COMPLETE,)):
+                key = (variant, phase, tuple(sorted(t.params.items())), t.user_attrs.get("seed"))
+                assert key not in out, f"{key} finished twice"
+                out[key] = {"optuna": (t.value, dict(t.intermediate_values))}
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(study.name)
+    runs = client.search_runs([experiment.experiment_id], "tags.kind = 'run' and tags.state = 'finished'")
+    for run in runs:
+        space = search_space(study, run.data.tags["variant"])
+        params = tuple(sorted((k, float(run.data.params[k])) for k in space))
+        seed = int(run.data.tags["seed"]) if run.data.tags["phase"] == "confirm" else None
+        key = (run.data.tags["variant"], run.data.tags["phase"], params, seed)
+        assert key in out and "mlflow" not in out[key], f"{key}: a finished run of no trial, or two runs"
+        metrics = {}
+        for name in run.data.metrics:
+            history = client.get_metric_history(run.info.run_id, name)
+            steps = [m.step for m in history]
+            # `seconds` (step 0) is the run's total, rewritten when an attempt that continues it ends.
+            assert name == "seconds" or len(steps) == len(set(steps)), \
+                f"{run.info.run_name}: {name} logged twice at some step: {steps}"
+            if name not in TIMING and name != "seconds":
+                metrics[name] = {m.step: m.value for m in history}
+        assert sorted(metrics["val_ppl"]) == list(range(1, EPOCHS + 1)), run.info.run_name
+        out[key]["mlflow"] = metrics
+    assert all("mlflow" in v for v in out.values()), "a finished trial without its finished MLflow run"
+    return out
+
+
+def continued_runs(study, folder: Path) -> list:
+    """(run name, epochs it restored) of each run that a retry continued."""
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(study.name)
+    return [(r.info.run_name, int(r.data.tags["continued_after_epoch"]))
+            for r in client.search_runs([experiment.experiment_id], "tags.kind = 'run'")
+            if "continued_after_epoch" in r.data.tags]
+
+
+def epochs_at_cut(study, folder: Path) -> dict:
+    """trial number -> epochs reported, of each search trial running now (variant/number keys)."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}")
+    done = {}
+    for variant in study.variants:
+        ostudy = optuna.load_study(study_name=optuna_name(study, variant, "search"), storage=storage)
+        for t in ostudy.get_trials(states=(TrialState.RUNNING,)):
+            done[f"{variant}/{t.number}"] = max(t.intermediate_values, default=0)
+    storage.engine.dispose()
+    return done
+
+
+def cut_reached(study, folder: Path) -> bool:
+    if not (folder / "optuna.db").exists():
+        return False
+    try:
+        return any(e >= CUT for e in epochs_at_cut(study, folder).values())
+    except KeyError:  # the studies are not created yet
+        return False
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, test_corpus):
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    study = resume_study(folder, test_corpus)
+    run_harness(*ablate_command(study, folder), cwd=folder)
+    return record(study, folder)
+
+
+def worker_pids(coordinator: int) -> list:
+    """The trial processes of a coordinator: its spawned children other than multiprocessing's resource tracker."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == coordinator and "spawn_main" in cmdline and "resource_tracker" not in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.parametrize("interruption", ["kill -9 of the coordinator group", "SIGTERM", "a killed worker"])
+def test_interrupted_study_resumes_to_the_uninterrupted_result(tmp_path, launch, test_corpus, uninterrupted,
+                                                               interruption):
+    study = resume_study(tmp_path, test_corpus)
+    command = ablate_command(study, tmp_path)
+    first = launch(*command, name="first")
+    wait_for(lambda: cut_reached(study, tmp_path), 300, f"a trial to report epoch {CUT}")
+    cut = epochs_at_cut(study, tmp_path)
+    if interruption == "kill -9 of the coordinator group":
+        first.kill()
+    elif interruption == "SIGTERM":
+        os.kill(first.pid, signal.SIGTERM)
+        assert first.wait() == 130, first.output
+    else:
+        for victim in worker_pids(first.pid):  # every trial running: at least the one at the cut
+            os.kill(victim, signal.SIGKILL)
+    if interruption != "a killed worker":  # the killed worker's trial is retried by the same command
+        assert first.proc.poll() is not None
+        run_harness(*command, cwd=tmp_path)
+    else:
+        assert first.wait() == 0, first.output
+    assert record(study, tmp_path) == uninterrupted
+    continued = continued_runs(study, tmp_path)
+    assert continued, "no retry continued its earlier attempt"
+    # The first epoch a retry trained is the one after its checkpoint, and no checkpoint lagged the cut.
+    redone = {name: max(0, cut.get(f"{name.split()[0]}/{name.split('#')[1].split()[0]}", 0) - after)
+              for name, after in continued}
+    print(f"\n{interruption}: epochs reported at the cut {cut}; continued {continued}; completed epochs trained "
+          f"again: {sum(redone.values())}")
+    assert all(after >= 1 for _, after in continued)
+    assert sum(redone.values()) == 0
+
+
+@pytest.mark.fast
+def test_the_watchdogs_limit_is_the_study_files_or_a_generous_multiple_of_the_slowest_epoch():
+    assert hung_limit(30, None) == hung_limit(30, 1000.0) == 30
+    assert hung_limit(0, None) is None  # no epoch time known yet: nothing is judged
+    assert hung_limit(0, 10.0) == HUNG_FLOOR
+    assert hung_limit(0, 1000.0) == HUNG_FACTOR * 1000.0
+
+
+def test_a_stopped_worker_is_killed_by_the_watchdog_and_its_trial_continues(tmp_path, launch, test_corpus,
+                                                                            uninterrupted):
+    study = tiny_study(tmp_path, test_corpus, trials=2, seeds="[1]", edits=[
+        ("epochs = 2", f"epochs = {EPOCHS}"), ("max_retries = 1", "max_retries = 1\nhung_after = 20")])
+    first = launch(*ablate_command(study, tmp_path), name="first")
+    wait_for(lambda: cut_reached(study, tmp_path), 300, f"a trial to report epoch {CUT}")
+    stopped = worker_pids(first.pid)
+    for pid in stopped:  # as a stuck kernel or a dead network mount would leave them: alive, silent
+        os.kill(pid, signal.SIGSTOP)
+    assert first.wait() == 0, first.output
+    assert first.output.count("FAILED: hung: no epoch for") == len(stopped), first.output
+    assert "(limit 20 s: budget.hung_after = 20)" in first.output
+    assert record(study, tmp_path) == uninterrupted
+    assert continued_runs(study, tmp_path)
+
+
+@pytest.mark.fast
+def test_the_tracker_waits_out_an_mlflow_outage_saying_so_once(tmp_path, test_corpus, monkeypatch):
+    study = tiny_study(tmp_path, test_corpus)
+    lines = []
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", study, study.identity(), {}, log=lines.append)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    calls = []
+    log_batch = tracker.client.log_batch
+
+    def away_twice(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise MlflowException("API request to http://db:5000/api/2.0/mlflow/runs/log-batch failed with "
+                                  "exception HTTPConnectionPool: Max retries exceeded (Connection refused)")
+        return log_batch(*args, **kwargs)
+
+    monkeypatch.setattr(tracker.client, "log_batch", away_twice)
+    tracker.summarize_variant("locked_only", {"search_best_val_ppl": 1.0}, {})
+    assert len(calls) == 3 and len(lines) == 2
+    assert lines[0].startswith("the MLflow tracking store sqlite:///")
+    assert "does not answer (MlflowException)" in lines[0]
+    assert lines[1].startswith("the MLflow tracking store answers again after")
+    monkeypatch.setattr(tracker.client, "log_batch", lambda *a, **k: (_ for _ in ()).throw(MlflowException("bad")))
+    with pytest.raises(MlflowException):  # a real error is not an outage: raised at once
+        tracker.summarize_variant("locked_only", {"search_best_val_ppl": 1.0}, {})
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"  # MLflow's own silent retries are bounded
