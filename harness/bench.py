@@ -249,6 +249,9 @@ class EqualTrials:
     def on_start(self, task: Task, slot: Slot) -> None:
         self.events.append((time.monotonic(), "start", slot.index, task.key, len(self.todo)))
 
+    def on_begin(self, task: Task, restored: tuple, notes: list) -> None:
+        pass  # every task is new: nothing is restored
+
     def on_epoch(self, task: Task, epoch) -> bool:
         self.epochs.append((task.key, epoch))
         return True
