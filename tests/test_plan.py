@@ -6,15 +6,15 @@ import json
 import types
 
 import pytest
-from optuna.storages import InMemoryStorage
 
 from helpers import study_for_tests
 from harness.cli import main
 from harness.errors import UserError
+from harness.study.ledger.storage import open_storage
 from harness.study.ledger.writer import Ledger
 from harness.study.live import LiveView
 from harness.study.plan import (
-    Calibration, EpochTimes, calibrate, estimate, format_duration, pruning_assumption, read_epoch_times,
+    Calibration, EpochTimes, calibrate, estimate, format_duration, left_of, pruning_assumption, read_epoch_times,
     simulate_schedule,
 )
 from harness.study.rules import CONFIRM, SEARCH, count_runs
@@ -218,10 +218,18 @@ def test_projection_starts_at_the_estimate_and_follows_the_pace(tmp_path):
 
 
 
-def test_right_after_a_resume_what_is_left_counts_the_epochs_a_retry_continues_as_done(tmp_path):
+def test_right_after_a_resume_what_is_left_counts_the_epochs_a_retry_continues_as_done(tmp_path, monkeypatch,
+                                                                                       capsys):
     study = write_study(tmp_path, epochs=6, pruner="none")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    monkeypatch.setattr("harness.study.plan.calibrate", lambda *args, **kwargs: hand_calibration(list(study.variants)))
+    monkeypatch.setattr("harness.data.load_corpus", lambda *args, **kwargs: SIZES)
+    plan_command = ["plan", str(study.path), "--devices", "cpu", "--trials-per-device", "2", "--storage", storage]
+    assert main(plan_command) == 0
+    assert "holds no trial of plan-test yet: all of it is left" in capsys.readouterr().out
+    assert not (tmp_path / "optuna.db").exists()  # plan writes nothing
     identity = study.identity({"train": "a", "valid": "b", "test": "c"}, {"train": "/corpus/train.txt"})
-    ledger = Ledger(study, InMemoryStorage(), identity, log=lambda *a: None)
+    ledger = Ledger(study, open_storage(storage), identity, log=lambda *a: None)
     plan = estimate(study, hand_calibration(list(study.variants)), SIZES, n_slots=2)
     view = LiveView(study, ledger, 2, log=lambda *a: None)
     view.estimate = plan
@@ -240,6 +248,15 @@ def test_right_after_a_resume_what_is_left_counts_the_epochs_a_retry_continues_a
     kept = 4 * plan.row("locked_only", SEARCH).epoch_seconds * packing / plan.n_slots
     assert resumed == pytest.approx(fresh - kept)
     assert f"about {format_duration(resumed)} to go" in view.summary()  # the live view, and ablate's first lines
+
+    # `plan --storage` says the same of a study under way, read from its storage.
+    assert main(plan_command) == 0
+    out = capsys.readouterr().out
+    assert "retries keeping 4 epochs of their earlier attempts" in out
+    assert f"about {format_duration(resumed)} on 2 slots without pruning" in out
+    running = ledger.claim("locked_only", SEARCH)
+    ledger.report_epoch(running, 1, 99.0)
+    assert left_of(study, storage)[1] == [("locked_only", SEARCH, 1)]
 
 
 def to_start(ledger) -> dict:

@@ -527,6 +527,16 @@ class PlanResult:
         packing = self.wall_seconds * self.n_slots / self.device_seconds if self.device_seconds else 1.0
         return pace * work * packing / self.n_slots
 
+    def left(self, left: dict, running: list) -> str:
+        """What is left of a study already under way, in one line (arguments as for projected_seconds, running on any
+        machine): the runs still to start and the epochs kept from earlier attempts' checkpoints count as done."""
+        kept = sum(done for runs in left.values() for done in runs)
+        to_start = sum(len(runs) for runs in left.values())
+        return (f"left of it: {to_start} run{'s' * (to_start != 1)} to start"
+                + (f" (retries keeping {kept} epoch{'s' * (kept != 1)} of their earlier attempts)" if kept else "")
+                + f", {len(running)} running: about {format_duration(self.projected_seconds([], left, running))} "
+                f"on {self.n_slots} slot{'s' * (self.n_slots > 1)} without pruning")
+
     def progress(self, elapsed: float, ended: list, left: dict, running: list) -> str:
         """One line for the live view: the estimate against the time taken so far, and the projected end
         (arguments as for projected_seconds)."""
@@ -620,6 +630,28 @@ def estimate(study: StudyConfig, calibration: Calibration, corpus, *, n_slots: i
         wall_seconds=full.wall_seconds, pruned_device_seconds=lean.busy_seconds, pruned_wall_seconds=lean.wall_seconds,
         pruning=assumption.text, source=source,
     )
+
+
+def left_of(study: StudyConfig, storage: str) -> tuple[dict, list] | None:
+    """(runs to start, runs in flight) of the study a storage holds, as PlanResult.left reads them; None when it
+    holds no trial of it yet."""
+    from harness.study.ledger.reader import LedgerReader
+    from harness.study.ledger.storage import open_storage
+    from harness.study.ledger.studies import holds_study
+    from harness.study.stores import sqlite_path
+
+    path = sqlite_path(storage, "--storage")
+    if path is not None and not path.exists():
+        return None
+    optuna_storage = open_storage(storage)
+    if not holds_study(optuna_storage, study):
+        return None
+    ledger = LedgerReader(study, optuna_storage, study.identity())
+    phases = [(v, p) for v in study.variants for p in (SEARCH, CONFIRM) if ledger.has(v, p)]
+    left = {(v, p): ledger.to_start(v, p) for v, p in phases}
+    running = [(v, p, epochs) for v, p in phases for epochs in ledger.running_epochs(v, p)]
+    optuna_storage.engine.dispose()
+    return left, running
 
 
 def plan_study(study: StudyConfig, slots: list, *, corpus=None, epoch_times: EpochTimes | None = None,

@@ -145,6 +145,11 @@ class StudyTrials(Patient):
         """Trials running on any machine."""
         return sum(self.tally(v, p).running for v in self.variants for p in PHASES)
 
+    @patient
+    def running_epochs(self, variant: str, phase: str) -> list[int]:
+        """The epochs each running trial of one variant and phase has recorded, on any machine."""
+        return [max(t.intermediate_values, default=0) for t in self._trials(variant, phase, (TrialState.RUNNING,))]
+
     def started(self) -> bool:
         """Whether any trial has run (or runs) on any machine: the study is resumed or shared, not new."""
         return any((t := self.tally(v, p)).total > t.waiting for v in self.variants for p in PHASES)
