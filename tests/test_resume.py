@@ -152,7 +152,9 @@ def test_interrupted_study_resumes_to_the_uninterrupted_result(tmp_path, launch,
             os.kill(victim, signal.SIGKILL)
     if interruption != "a killed worker":  # the killed worker's trial is retried by the same command
         assert first.proc.poll() is not None
-        run_harness(*command, cwd=tmp_path)
+        resumed = run_harness(*command, cwd=tmp_path)
+        # What is left is priced at the start, the epochs the retries continue counted done.
+        assert "no run has ended yet; about" in resumed.stdout and "to go without pruning" in resumed.stdout
     else:
         assert first.wait() == 0, first.output
     assert record(study, *stores(tmp_path)) == uninterrupted

@@ -647,7 +647,7 @@ def left_of(study: StudyConfig, storage: str) -> tuple[dict, list] | None:
     if not holds_study(optuna_storage, study):
         return None
     ledger = LedgerReader(study, optuna_storage, study.identity())
-    phases = [(v, p) for v in study.variants for p in (SEARCH, CONFIRM) if ledger.has(v, p)]
+    phases = [(v, p) for v in study.variants for p in (SEARCH, CONFIRM)]  # seeds owed before their study exists
     left = {(v, p): ledger.to_start(v, p) for v, p in phases}
     running = [(v, p, epochs) for v, p in phases for epochs in ledger.running_epochs(v, p)]
     optuna_storage.engine.dispose()
