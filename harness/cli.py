@@ -190,15 +190,20 @@ def cmd_worker(args) -> int:
 
 def cmd_plan(args) -> int:
     """Runs, epochs, device-hours and wall time of a study on the slots at hand, from a short calibration."""
-    from harness.study.plan import plan_study, read_epoch_times
+    from harness.study.plan import left_of, plan_study, read_epoch_times
+    from harness.study.stores import redact
     from harness.study.scheduler import discover_slots
     from harness.study.spec import load_study
 
     study = load_study(args.study)
     slots = discover_slots(args.devices, args.trials_per_device)
     times = read_epoch_times(args.seconds_per_epoch) if args.seconds_per_epoch else None
+    under_way = left_of(study, args.storage) if args.storage else None  # before the calibration: fails in seconds
     result = plan_study(study, slots, epoch_times=times, n_slots=args.slots, budget_seconds=args.calibration_seconds)
     print(result.format())
+    if args.storage:
+        print(result.left(*under_way) if under_way else f"{redact(args.storage)} holds no trial of {study.name} yet: "
+              "all of it is left")
     if times is None and all(slot.device == "cpu" for slot in slots):
         print("these are CPU figures: for GPUs, run this plan on one (--devices cuda), or pass --seconds-per-epoch "
               "measured there (make gpu-check writes them)")
@@ -410,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
                         '{"seconds_per_epoch": {"awd": 63.5}, "device": "..."} or gpu-check.json (repeatable)')
     p.add_argument("--slots", type=int, help="price the study on this many slots like these, e.g. 32 for 4 machines "
                                              "x 8 GPUs with --seconds-per-epoch measured on one of their GPUs")
+    p.add_argument("--storage", help="the Optuna storage of a study under way: also say what is left of it (finished "
+                                     "runs, and the epochs its retries continue from checkpoints, count as done)")
     p.add_argument("--calibration-seconds", type=float, default=60.0,
                    help="stop calibrating after this long once some variant is measured (default 60)")
     p.set_defaults(func=cmd_plan)

@@ -54,6 +54,10 @@ def test_killed_machine_goes_stale_and_its_trial_is_retried(tmp_path, postgres, 
     assert retry.state == TrialState.COMPLETE and retry.params == failed.params
     assert retry.user_attrs["attempt"] == 2 and retry.user_attrs["coordinator"].endswith(f"/{survivor.pid}")
     assert f"retry  {variant}/search/{victim.number}" in survivor.output
+    # Each machine has its own runs folder: the victim's checkpoint cannot be read here, and the log says so once.
+    over = [line for line in survivor.output.splitlines() if "starting over at epoch 1" in line]
+    assert len(over) == 1 and f"{variant}/search/{retry.number}: starting over at epoch 1: no checkpoint of its " \
+        f"earlier attempt in {tmp_path / 'survivor' / study.name}" in over[0] and "not shared?" in over[0], over
 
 
 @pytest.mark.slow

@@ -10,8 +10,12 @@ import pytest
 from helpers import study_for_tests
 from harness.cli import main
 from harness.errors import UserError
+from harness.study.ledger.storage import open_storage
+from harness.study.ledger.writer import Ledger
+from harness.study.live import LiveView
 from harness.study.plan import (
-    Calibration, EpochTimes, calibrate, estimate, pruning_assumption, read_epoch_times, simulate_schedule,
+    Calibration, EpochTimes, calibrate, estimate, format_duration, left_of, pruning_assumption, read_epoch_times,
+    simulate_schedule,
 )
 from harness.study.rules import CONFIRM, SEARCH, count_runs
 from harness.study.scheduler import Slot
@@ -202,7 +206,7 @@ def test_epoch_times_files(tmp_path):
 def test_projection_starts_at_the_estimate_and_follows_the_pace(tmp_path):
     study = write_study(tmp_path)
     plan = estimate(study, hand_calibration(list(study.variants)), SIZES, n_slots=2)
-    everything = {(r.variant, r.phase): r.runs for r in plan.rows}
+    everything = {(r.variant, r.phase): [0] * r.runs for r in plan.rows}
     assert plan.projected_seconds([], everything, []) == pytest.approx(plan.wall_seconds)
     slow = plan.projected_seconds([(20.0, 10.0)], everything, [])
     assert slow == pytest.approx(2 * plan.wall_seconds)
@@ -211,6 +215,52 @@ def test_projection_starts_at_the_estimate_and_follows_the_pace(tmp_path):
     assert "this session took" in plan.progress(100.0, [(20.0, 10.0)], {}, [])
     assert "this session took" not in plan.progress(100.0, [], {}, [("locked_only", CONFIRM, 4)])  # its test pass
     assert "2.00x their estimate" in plan.progress(100.0, [(20.0, 10.0)], everything, [])
+
+
+
+def test_right_after_a_resume_what_is_left_counts_the_epochs_a_retry_continues_as_done(tmp_path, monkeypatch,
+                                                                                       capsys):
+    study = write_study(tmp_path, epochs=6, pruner="none")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    monkeypatch.setattr("harness.study.plan.calibrate", lambda *args, **kwargs: hand_calibration(list(study.variants)))
+    monkeypatch.setattr("harness.data.load_corpus", lambda *args, **kwargs: SIZES)
+    plan_command = ["plan", str(study.path), "--devices", "cpu", "--trials-per-device", "2", "--storage", storage]
+    assert main(plan_command) == 0
+    assert "holds no trial of plan-test yet: all of it is left" in capsys.readouterr().out
+    assert not (tmp_path / "optuna.db").exists()  # plan writes nothing
+    identity = study.identity({"train": "a", "valid": "b", "test": "c"}, {"train": "/corpus/train.txt"})
+    ledger = Ledger(study, open_storage(storage), identity, log=lambda *a: None)
+    plan = estimate(study, hand_calibration(list(study.variants)), SIZES, n_slots=2)
+    view = LiveView(study, ledger, 2, log=lambda *a: None)
+    view.estimate = plan
+    fresh_runs, fresh = view.runs_left(), plan.projected_seconds([], to_start(ledger), [])
+    assert not ledger.started() and fresh_runs == sum(r.runs for r in plan.rows)
+    assert fresh == pytest.approx(plan.wall_seconds)  # nothing done: the whole estimate
+
+    claim = ledger.claim("locked_only", SEARCH)
+    for epoch in range(1, 5):
+        ledger.report_epoch(claim, epoch, 100.0 - epoch)
+    ledger.fail(claim, "interrupted (SIGTERM)", interrupted=True)  # its retry waits, to continue after epoch 4
+    assert ledger.started() and sorted(ledger.to_start("locked_only", SEARCH)) == [0, 0, 4]
+    assert view.runs_left() == pytest.approx(fresh_runs - 4 / 6)  # not a whole run again
+    packing = plan.wall_seconds * plan.n_slots / plan.device_seconds
+    resumed = plan.projected_seconds([], to_start(ledger), [])
+    kept = 4 * plan.row("locked_only", SEARCH).epoch_seconds * packing / plan.n_slots
+    assert resumed == pytest.approx(fresh - kept)
+    assert f"about {format_duration(resumed)} to go" in view.summary()  # the live view, and ablate's first lines
+
+    # `plan --storage` says the same of a study under way, read from its storage.
+    assert main(plan_command) == 0
+    out = capsys.readouterr().out
+    assert "retries keeping 4 epochs of their earlier attempts" in out
+    assert f"about {format_duration(resumed)} on 2 slots without pruning" in out
+    running = ledger.claim("locked_only", SEARCH)
+    ledger.report_epoch(running, 1, 99.0)
+    assert left_of(study, storage)[1] == [("locked_only", SEARCH, 1)]
+
+
+def to_start(ledger) -> dict:
+    return {(v, p): ledger.to_start(v, p) for v in ledger.variants for p in (SEARCH, CONFIRM)}
 
 
 # --- a real calibration ---------------------------------------------------------------------------------

@@ -38,11 +38,15 @@ def ablate_command(study, folder: Path) -> list:
             "--runs-dir", folder / "runs", "--reports-dir", folder / "reports"]
 
 
-def record(study, folder: Path) -> dict:
+def stores(folder: Path) -> tuple:
+    """(Optuna storage, MLflow tracking URI) of a study run by ablate_command in folder."""
+    return f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def record(study, storage: str, uri: str) -> dict:
     """What the stores hold, keyed by what a trial trains (variant, phase, parameters, seed): Optuna's value and
     intermediate values of each finished trial, MLflow's per-epoch metrics of each finished run (step -> value,
     failing on any step logged twice)."""
-    storage = f"sqlite:///{folder / 'optuna.db'}"
     out = {}
     for variant in study.variants:
         for phase in PHASES:
@@ -51,7 +55,7 @@ def record(study, folder: Path) -> dict:
                 key = (variant, phase, tuple(sorted(t.params.items())), t.user_attrs.get("seed"))
                 assert key not in out, f"{key} finished twice"
                 out[key] = {"optuna": (t.value, dict(t.intermediate_values))}
-    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(study.name)
     runs = client.search_runs([experiment.experiment_id], "tags.kind = 'run' and tags.state = 'finished'")
     for run in runs:
@@ -75,9 +79,9 @@ def record(study, folder: Path) -> dict:
     return out
 
 
-def continued_runs(study, folder: Path) -> list:
+def continued_runs(study, uri: str) -> list:
     """(run name, epochs it restored) of each run that a retry continued."""
-    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(study.name)
     return [(r.info.run_name, int(r.data.tags["continued_after_epoch"]))
             for r in client.search_runs([experiment.experiment_id], "tags.kind = 'run'")
@@ -110,7 +114,7 @@ def uninterrupted(tmp_path_factory, test_corpus):
     folder = tmp_path_factory.mktemp("uninterrupted")
     study = resume_study(folder, test_corpus)
     run_harness(*ablate_command(study, folder), cwd=folder)
-    return record(study, folder)
+    return record(study, *stores(folder))
 
 
 def worker_pids(coordinator: int) -> list:
@@ -148,11 +152,13 @@ def test_interrupted_study_resumes_to_the_uninterrupted_result(tmp_path, launch,
             os.kill(victim, signal.SIGKILL)
     if interruption != "a killed worker":  # the killed worker's trial is retried by the same command
         assert first.proc.poll() is not None
-        run_harness(*command, cwd=tmp_path)
+        resumed = run_harness(*command, cwd=tmp_path)
+        # What is left is priced at the start, the epochs the retries continue counted done.
+        assert "no run has ended yet; about" in resumed.stdout and "to go without pruning" in resumed.stdout
     else:
         assert first.wait() == 0, first.output
-    assert record(study, tmp_path) == uninterrupted
-    continued = continued_runs(study, tmp_path)
+    assert record(study, *stores(tmp_path)) == uninterrupted
+    continued = continued_runs(study, stores(tmp_path)[1])
     assert continued, "no retry continued its earlier attempt"
     # The first epoch a retry trained is the one after its checkpoint, and no checkpoint lagged the cut.
     redone = {name: max(0, cut.get(f"{name.split()[0]}/{name.split('#')[1].split()[0]}", 0) - after)
@@ -183,8 +189,8 @@ def test_a_stopped_worker_is_killed_by_the_watchdog_and_its_trial_continues(tmp_
     assert first.wait() == 0, first.output
     assert first.output.count("FAILED: hung: no epoch for") == len(stopped), first.output
     assert "(limit 20 s: budget.hung_after = 20)" in first.output
-    assert record(study, tmp_path) == uninterrupted
-    assert continued_runs(study, tmp_path)
+    assert record(study, *stores(tmp_path)) == uninterrupted
+    assert continued_runs(study, stores(tmp_path)[1])
 
 
 @pytest.mark.fast
@@ -213,3 +219,56 @@ def test_the_tracker_waits_out_an_mlflow_outage_saying_so_once(tmp_path, test_co
     with pytest.raises(MlflowException):  # a real error is not an outage: raised at once
         tracker.summarize_variant("locked_only", {"search_best_val_ppl": 1.0}, {})
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"  # MLflow's own silent retries are bounded
+
+
+def trial_at_cut(storage, study, coordinator_pid: int):
+    """(variant, trial) of a search trial that the given coordinator runs and that has reported epoch CUT, or None.
+
+    `storage` is an optuna.storages.RDBStorage opened once by the caller."""
+    for variant in study.variants:
+        try:
+            ostudy = optuna.load_study(study_name=optuna_name(study, variant, "search"), storage=storage)
+        except KeyError:  # not created yet
+            return None
+        for t in ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("coordinator", "").endswith(f"/{coordinator_pid}") and \
+                    max(t.intermediate_values, default=0) >= CUT:
+                return variant, t.number
+    return None
+
+
+@pytest.mark.servers
+def test_a_machine_killed_mid_trial_is_continued_by_another_on_a_shared_runs_folder(tmp_path, postgres, mlflow_server,
+                                                                                     launch, test_corpus,
+                                                                                     uninterrupted):
+    # Its own experiment name on the session's MLflow server; the sampler's seeds do not depend on the name.
+    study = tiny_study(tmp_path, test_corpus, trials=2, seeds="[1]", edits=[
+        ("epochs = 2", f"epochs = {EPOCHS}"), ('name = "tiny"', 'name = "two-machines-resume"')])
+    storage = postgres.create_database("two_machines_resume")
+    common = ["worker", study.path, "--storage", storage, "--tracking-uri", mlflow_server, "--devices", "cpu",
+              "--trials-per-device", 1, "--heartbeat", 1, "--runs-dir", tmp_path / "runs"]  # one runs folder: NFS
+    doomed = launch(*common, name="doomed")
+    survivor = launch(*common, name="survivor")
+    poll = optuna.storages.RDBStorage(storage)
+    variant, victim = wait_for(lambda: trial_at_cut(poll, study, doomed.pid), 300,
+                               f"a trial of the doomed machine to report epoch {CUT}")
+    doomed.kill()  # kill -9 of its process group: coordinator and trial processes, the machine is gone
+    trials = optuna.load_study(study_name=optuna_name(study, variant, "search"), storage=poll).trials
+    reported = max(trials[victim].intermediate_values)  # nothing reports for it any more
+    assert survivor.wait() == 0, survivor.output
+    poll.engine.dispose()
+
+    assert record(study, storage, mlflow_server) == uninterrupted
+    trials = optuna.load_study(study_name=optuna_name(study, variant, "search"), storage=storage).trials
+    assert trials[victim].user_attrs["fail_reason"].startswith("stale: no heartbeat")
+    retry = next(t for t in trials if t.user_attrs.get("retry_of") == victim)
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["coordinator"].endswith(f"/{survivor.pid}")
+    run = MlflowClient(mlflow_server).get_run(retry.user_attrs["mlflow_run_id"])
+    after = int(run.data.tags["continued_after_epoch"])  # the doomed machine's run, continued
+    # Its first trained epoch is the one after the cut: the checkpoint holds every epoch the doomed machine reported
+    # (one more when it died between writing a checkpoint and reporting it).
+    assert reported <= after <= reported + 1, (reported, after)
+    assert f"continue {variant}/search/{retry.number} after epoch {after}" in survivor.output
+    assert "starting over" not in survivor.output
+    print(f"\nmachine killed at epoch {reported} of {variant}/search/{victim}; continued after epoch {after} on the "
+          f"other; completed epochs trained again: {max(0, reported - after)}")

@@ -352,6 +352,8 @@ def run_study(study: StudyConfig, *, storage: str, tracking_uri: str, slots: lis
             try:
                 view.estimate = plan_study(study, slots, corpus=corpus, log=lambda *a: None)
                 estimate = "\n" + view.estimate.format()
+                if ledger.started():  # a resumed study: what is left, the epochs its retries continue counted done
+                    estimate += "\n" + view.progress()
             except (UserError, RuntimeError) as err:  # a study runs without its estimate
                 estimate = f"\nno estimate of its cost: {err}"
         for variant in coordinator.variants:

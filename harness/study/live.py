@@ -78,18 +78,24 @@ class LiveView:
                 f"{c.finished}/{seeds}" + (f" ({c.running} running)" if c.running else ""))
         left = self.ledger.remaining()
         if self.durations:
-            eta = statistics.fmean(self.durations) * (left + len(self.running) / 2) / self.n_slots
+            eta = statistics.fmean(self.durations) * self.runs_left() / self.n_slots
             lines.append(f"  {left} trials to start; about {eta / 60:.0f} min left at this machine's pace")
         else:
             lines.append(f"  {left} trials to start")
         if self.estimate is not None:
-            lines.append(self._progress())
+            lines.append(self.progress())
         return "\n".join(lines)
 
-    def _progress(self) -> str:
-        """The estimate against reality: time taken, and the end projected from the runs that ended."""
-        left = {}
-        for v in self.ledger.variants:
-            left[(v, SEARCH)] = self.ledger.tally(v, SEARCH).waiting
-            left[(v, CONFIRM)] = max(0, self.ledger.confirmation_due(v) - self.ledger.tally(v, CONFIRM).running)
+    def runs_left(self) -> float:
+        """The work left, in whole runs: the epochs still to train of the runs to start on any machine (a retry
+        that continues a checkpoint owes only those after it) and of those running here, over the epochs of one."""
+        epochs = self.study.max_epochs
+        done = [d for v in self.ledger.variants for p in (SEARCH, CONFIRM) for d in self.ledger.to_start(v, p)]
+        done += [e for _, _, e in self.running.values()]
+        return sum(epochs - min(d, epochs) for d in done) / epochs
+
+    def progress(self) -> str:
+        """The estimate against reality: time taken, and the end projected from the runs that ended and the epochs
+        left (a retry that continues a checkpoint owes only the epochs after it)."""
+        left = {(v, p): self.ledger.to_start(v, p) for v in self.ledger.variants for p in (SEARCH, CONFIRM)}
         return self.estimate.progress(time.monotonic() - self.started, self.work, left, list(self.running.values()))

@@ -504,27 +504,45 @@ class PlanResult:
         ]
         return "\n".join(lines)
 
+    def left_seconds(self, variant: str, phase: str, done: int, started: bool) -> float:
+        """Expected seconds still to go of one run with `done` epochs behind it (trained, or restored from its earlier
+        attempt's checkpoint); a run not yet `started` still pays its start-up (overhead_seconds)."""
+        row = self.row(variant, phase)
+        left = row.run_seconds - min(done, row.epochs) * row.epoch_seconds
+        return max(0.0, left - self.overhead_seconds if started else left)
+
     def projected_seconds(self, ended: list, left: dict, running: list) -> float:
         """Wall seconds still to go: the work left (no pruning) at the pace of the runs that ended, over the slots.
 
-        `ended`: (seconds taken, seconds estimated) of each run that ended; `left`: (variant, phase) -> runs not
-        yet started; `running`: (variant, phase, epochs done) of each run in flight.
+        `ended`: (seconds taken, seconds estimated) of each run that ended; `left`: (variant, phase) -> the epochs
+        each run not yet started will not train (0 for a new run, the checkpoint's epoch for a retry that continues
+        one); `running`: (variant, phase, epochs done) of each run in flight.
         """
         pace = sum(taken for taken, _ in ended) / sum(est for _, est in ended) if ended else 1.0
         known = {(r.variant, r.phase) for r in self.rows}
-        work = sum(n * self.run_seconds(v, p) for (v, p), n in left.items() if n > 0 and (v, p) in known)
-        work += sum(max(0.0, self.run_seconds(v, p) - self.run_seconds(v, p, epochs))
-                    for v, p, epochs in running if (v, p) in known)
+        work = sum(self.left_seconds(v, p, done, started=False)
+                   for (v, p), runs in left.items() if (v, p) in known for done in runs)
+        work += sum(self.left_seconds(v, p, epochs, started=True) for v, p, epochs in running if (v, p) in known)
         # Runs of unequal length leave slots idle at the end: the estimate's own wall/device ratio says how much.
         packing = self.wall_seconds * self.n_slots / self.device_seconds if self.device_seconds else 1.0
         return pace * work * packing / self.n_slots
+
+    def left(self, left: dict, running: list) -> str:
+        """What is left of a study already under way, in one line (arguments as for projected_seconds, running on any
+        machine): the runs still to start and the epochs kept from earlier attempts' checkpoints count as done."""
+        kept = sum(done for runs in left.values() for done in runs)
+        to_start = sum(len(runs) for runs in left.values())
+        return (f"left of it: {to_start} run{'s' * (to_start != 1)} to start"
+                + (f" (retries keeping {kept} epoch{'s' * (kept != 1)} of their earlier attempts)" if kept else "")
+                + f", {len(running)} running: about {format_duration(self.projected_seconds([], left, running))} "
+                f"on {self.n_slots} slot{'s' * (self.n_slots > 1)} without pruning")
 
     def progress(self, elapsed: float, ended: list, left: dict, running: list) -> str:
         """One line for the live view: the estimate against the time taken so far, and the projected end
         (arguments as for projected_seconds)."""
         head = (f"estimate {format_duration(self.wall_seconds)} on {self.n_slots} slot{'s' * (self.n_slots > 1)} "
                 f"({format_duration(self.pruned_wall_seconds)} with the assumed pruning)")
-        if not running and not any(n > 0 for n in left.values()):
+        if not running and not any(left.values()):
             return f"  {head}; this session took {format_duration(elapsed)}"
         to_go = self.projected_seconds(ended, left, running)
         pace = (f"runs so far took {sum(t for t, _ in ended) / sum(e for _, e in ended):.2f}x their estimate"
@@ -612,6 +630,28 @@ def estimate(study: StudyConfig, calibration: Calibration, corpus, *, n_slots: i
         wall_seconds=full.wall_seconds, pruned_device_seconds=lean.busy_seconds, pruned_wall_seconds=lean.wall_seconds,
         pruning=assumption.text, source=source,
     )
+
+
+def left_of(study: StudyConfig, storage: str) -> tuple[dict, list] | None:
+    """(runs to start, runs in flight) of the study a storage holds, as PlanResult.left reads them; None when it
+    holds no trial of it yet."""
+    from harness.study.ledger.reader import LedgerReader
+    from harness.study.ledger.storage import open_storage
+    from harness.study.ledger.studies import holds_study
+    from harness.study.stores import sqlite_path
+
+    path = sqlite_path(storage, "--storage")
+    if path is not None and not path.exists():
+        return None
+    optuna_storage = open_storage(storage)
+    if not holds_study(optuna_storage, study):
+        return None
+    ledger = LedgerReader(study, optuna_storage, study.identity())
+    phases = [(v, p) for v in study.variants for p in (SEARCH, CONFIRM)]  # seeds owed before their study exists
+    left = {(v, p): ledger.to_start(v, p) for v, p in phases}
+    running = [(v, p, epochs) for v, p in phases for epochs in ledger.running_epochs(v, p)]
+    optuna_storage.engine.dispose()
+    return left, running
 
 
 def plan_study(study: StudyConfig, slots: list, *, corpus=None, epoch_times: EpochTimes | None = None,

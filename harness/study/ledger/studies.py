@@ -144,3 +144,28 @@ class StudyTrials(Patient):
     def running(self) -> int:
         """Trials running on any machine."""
         return sum(self.tally(v, p).running for v in self.variants for p in PHASES)
+
+    @patient
+    def running_epochs(self, variant: str, phase: str) -> list[int]:
+        """The epochs each running trial of one variant and phase has recorded, on any machine."""
+        return [max(t.intermediate_values, default=0) for t in self._trials(variant, phase, (TrialState.RUNNING,))]
+
+    def started(self) -> bool:
+        """Whether any trial has run (or runs) on any machine: the study is resumed or shared, not new."""
+        return any((t := self.tally(v, p)).total > t.waiting for v in self.variants for p in PHASES)
+
+    @patient
+    def to_start(self, variant: str, phase: str) -> list[int]:
+        """The runs of one variant and phase still to start, on any machine, each as the epochs it will not train:
+        a waiting retry continues after the last epoch its newest earlier attempt recorded (that attempt's
+        checkpoint), any other run starts at epoch 1 (0)."""
+        trials = self._trials(variant, phase)
+        by_number = {t.number: t for t in trials}
+        kept = []
+        for t in trials:
+            if t.state == TrialState.WAITING:
+                earlier = [by_number[n] for n in t.user_attrs.get("lineage", ()) if n in by_number]
+                kept.append(next((max(e.intermediate_values) for e in earlier if e.intermediate_values), 0))
+        if phase == CONFIRM:  # seeds not enqueued yet
+            kept += [0] * (self.confirmation_due(variant) - len(kept) - self.tally(variant, CONFIRM).running)
+        return kept
