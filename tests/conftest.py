@@ -4,6 +4,7 @@ smoke-study run per session. Plain helpers are in helpers.py.
 """
 
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -118,3 +119,13 @@ def smoke_run(tmp_path_factory, test_corpus) -> SmokeRun:
     proc = run_harness("ablate", study, "--storage", storage, "--tracking-uri", uri,
                        "--devices", "cpu", "--trials-per-device", 2, "--runs-dir", workdir / "runs", cwd=workdir)
     return SmokeRun(workdir, study, storage, uri, proc.stdout + proc.stderr)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """The test in its own folder (the default stores and runs/ are relative), SIGTERM restored afterwards (the CLI
+    installs its handler); for modules that run the CLI in-process: `pytest.mark.usefixtures("in_tmp")`."""
+    monkeypatch.chdir(tmp_path)
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)

@@ -14,7 +14,6 @@ import hashlib
 import math
 import os
 import re
-import signal
 import typing
 from pathlib import Path
 from urllib.parse import quote
@@ -40,7 +39,7 @@ from harness.study.stores import LocalLock, redact
 from harness.study.tracking import Tracker
 from harness.train import CheckpointError, check_splits, train_model
 
-pytestmark = pytest.mark.fast
+pytestmark = [pytest.mark.fast, pytest.mark.usefixtures("in_tmp")]  # in_tmp: conftest.py
 
 STUDY = """
 [study]
@@ -74,15 +73,6 @@ max_retries = 1
 """
 RECORDS = {"fixed.model": ModelConfig, "fixed.dropout": DropoutConfig, "fixed.train": TrainConfig,
            "budget": BudgetConfig}
-
-
-@pytest.fixture(autouse=True)
-def in_tmp(tmp_path, monkeypatch):
-    """Each test in its own folder (the default stores and runs/ are relative), SIGTERM restored afterwards."""
-    monkeypatch.chdir(tmp_path)
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
 
 
 def study_file(folder: Path, corpus: str, text: str = STUDY, name: str = "bad.toml") -> Path:

@@ -9,7 +9,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from harness.study.scheduler import Outcome, Slot
 from harness.study.spec import load_study
 from harness.train import RunResult, TrainingDiverged, measured, train_model
 
-pytestmark = pytest.mark.fast
+pytestmark = [pytest.mark.fast, pytest.mark.usefixtures("in_tmp")]  # in_tmp: conftest.py
 
 # Each generated example runs main() in-process; a few dozen per class keep the fast tier fast (HYPOTHESIS_EXAMPLES=300
 # for a deeper search).
@@ -65,15 +64,6 @@ pruner = "none"
 confirm_seeds = []
 max_retries = 1
 """
-
-
-@pytest.fixture(autouse=True)
-def in_tmp(tmp_path, monkeypatch):
-    """Each test in its own folder (the default stores and runs/ are relative), SIGTERM restored afterwards."""
-    monkeypatch.chdir(tmp_path)
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
 
 
 def study_file(folder: Path, corpus: str, text: str = "", layers: int = 2, name: str = "props.toml") -> Path:

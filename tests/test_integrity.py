@@ -8,7 +8,6 @@ library's exception run the real command (those tests are `slow`).
 
 import hashlib
 import os
-import signal
 from pathlib import Path
 from urllib.parse import quote
 
@@ -18,16 +17,7 @@ from harness.cli import main
 from harness.errors import UserError
 from harness.study.stores import LocalLock, check_sqlite, sqlite_path
 
-pytestmark = pytest.mark.fast
-
-
-@pytest.fixture(autouse=True)
-def in_tmp(tmp_path, monkeypatch):
-    """Each test in its own folder (the default stores and runs/ are relative), SIGTERM restored afterwards."""
-    monkeypatch.chdir(tmp_path)
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
+pytestmark = [pytest.mark.fast, pytest.mark.usefixtures("in_tmp")]  # in_tmp: conftest.py
 
 
 def refused(capsys, *argv) -> str:
