@@ -120,12 +120,19 @@ def test_a_rebuilt_report_is_identical_but_for_its_build_time(smoke_run, smoke_s
     def without_time(text: str) -> str:
         return re.sub(r"Built \d{4}-\d\d-\d\d \d\d:\d\d UTC", "Built", text)
 
-    before = {path.name: path.read_text() for path in report.parent.iterdir()}
+    def files() -> dict:  # every file of the report's folder, figures/ included: relative path -> bytes
+        return {str(p.relative_to(report.parent)): p.read_bytes() for p in report.parent.rglob("*") if p.is_file()}
+
+    before = files()
     again = build_report(smoke_study, smoke_run.tracking_uri, smoke_run.storage, report.parent.parent)
-    after = {path.name: path.read_text() for path in report.parent.iterdir()}
-    assert set(after) == set(before) == {"index.html", "results.csv", "comparisons.csv"}
-    assert before["index.html"] != without_time(before["index.html"])  # the build time is there, and only it differs
-    assert {k: without_time(v) for k, v in after.items()} == {k: without_time(v) for k, v in before.items()}
+    after = files()
+    assert set(after) == set(before) and {"index.html", "results.csv", "comparisons.csv", "table.tex", "table.md",
+                                          "README.md"} <= set(before)
+    assert any(name.startswith("figures/") and name.endswith(".pdf") for name in before)
+    page = before.pop("index.html").decode()
+    assert page != without_time(page)  # the build time is there, and only it differs
+    assert without_time(after.pop("index.html").decode()) == without_time(page)
+    assert after == before  # the CSVs, the paper's tables, README and vector figures byte for byte
     assert again.page == report
 
 

@@ -5,12 +5,15 @@ Each interruption (kill -9 of the coordinator's process group, SIGTERM, a killed
 the epochs trained again are printed (`-s`) as the measurement of what an interruption costs.
 """
 
+import contextlib
 import os
+import sqlite3
 import signal
 import time
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -103,9 +106,15 @@ def epochs_at_cut(study, folder: Path) -> dict:
 def cut_reached(study, folder: Path) -> bool:
     if not (folder / "optuna.db").exists():
         return False
+    try:  # read-only first: opening RDBStorage on a half-made file would race the coordinator making its tables
+        with contextlib.closing(sqlite3.connect(f"file:{folder / 'optuna.db'}?mode=ro", uri=True)) as db:
+            if not db.execute("SELECT count(*) FROM alembic_version").fetchone()[0]:
+                return False
+    except sqlite3.Error:
+        return False
     try:
         return any(e >= CUT for e in epochs_at_cut(study, folder).values())
-    except KeyError:  # the studies are not created yet
+    except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # the studies, or the storage's own tables, not made yet
         return False
 
 
