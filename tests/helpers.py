@@ -399,3 +399,20 @@ def study_log(study, runs=(), trials=(), importances=None):
                           columns=list(CURVE_COLUMNS))
     return StudyLog(study, "sqlite:///mlflow.db", "sqlite:///optuna.db", frame, curves, table, tallies,
                     importances if importances is not None else {v: "too few." for v in tallies})
+
+
+def refused(capsys, *argv) -> str:
+    """The error line of a command run in-process (harness.cli.main) that must be refused: exit 2, one line on
+    stderr, no traceback; what the test's own setup printed before is not the command's."""
+    from harness.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse exits by itself
+        code = exit_.code
+    out, err = capsys.readouterr()
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]

@@ -24,7 +24,7 @@ import torch
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from helpers import run_harness, with_corpus
+from helpers import refused, run_harness, with_corpus
 from harness.cli import main
 from harness.config import DropoutConfig, ModelConfig, SITES, TrainConfig, parse_overrides
 from harness.data import find_split_files, load_corpus
@@ -79,19 +79,6 @@ def study_file(folder: Path, corpus: str, text: str = STUDY, name: str = "bad.to
     path = folder / name
     path.write_text(with_corpus(text, corpus), encoding="utf-8")
     return path
-
-
-def refused(capsys, *argv) -> str:
-    """The error line of a command that must be refused: exit 2, one line on stderr, no traceback."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:  # argparse exits by itself
-        code = exit_.code
-    out, err = capsys.readouterr()
-    assert code == 2, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 def stores(folder: Path) -> list:

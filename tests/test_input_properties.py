@@ -17,8 +17,7 @@ from optuna.storages import InMemoryStorage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import child_runs, open_coordinator, tiny_config, tiny_corpus, tiny_study, with_corpus
-from harness.cli import main
+from helpers import child_runs, open_coordinator, refused, tiny_config, tiny_corpus, tiny_study, with_corpus
 from harness.data import load_corpus
 from harness.errors import UserError
 from harness.study.ledger.writer import Ledger
@@ -76,19 +75,6 @@ def snapshot(folder: Path) -> dict:
     """Every file under folder with its content's digest: what "nothing changed" compares."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for p in sorted(folder.rglob("*"))}
-
-
-def refused(capsys, *argv) -> str:
-    """The error line of a command that must be refused: exit 2, one line on stderr, no traceback."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:  # argparse exits by itself
-        code = exit_.code
-    out, err = capsys.readouterr()
-    assert code == 2, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 def refused_unchanged(capsys, folder: Path, *argv) -> str:

@@ -14,21 +14,11 @@ from urllib.parse import quote
 import pytest
 
 from harness.cli import main
+from helpers import refused
 from harness.errors import UserError
 from harness.study.stores import LocalLock, check_sqlite, sqlite_path
 
 pytestmark = [pytest.mark.fast, pytest.mark.usefixtures("in_tmp")]  # in_tmp: conftest.py
-
-
-def refused(capsys, *argv) -> str:
-    """The error line of a command that must be refused: exit 2, one line on stderr, no traceback."""
-    capsys.readouterr()  # what the test's own setup logged
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert code == 2, (code, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 def digest(path: Path) -> str:
