@@ -143,22 +143,41 @@ def worker_pids(coordinator: int) -> list:
     return pids
 
 
+def signal_all(pids: list, signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def freeze_at_cut(study, folder: Path, coordinator: int) -> tuple:
+    """Stop (SIGSTOP) every trial process of the coordinator at a moment when a running trial has reported epoch
+    CUT; returns (their pids, epochs_at_cut then). Reading the cut and then interrupting raced the trials: on a
+    loaded machine the trial at the cut could finish its last epochs in between, leaving nothing to continue."""
+    while True:
+        wait_for(lambda: cut_reached(study, folder), 300, f"a trial to report epoch {CUT}")
+        pids = worker_pids(coordinator)
+        signal_all(pids, signal.SIGSTOP)
+        cut = epochs_at_cut(study, folder)
+        if pids and any(e >= CUT for e in cut.values()):
+            return pids, cut
+        signal_all(pids, signal.SIGCONT)
+
+
 @pytest.mark.parametrize("interruption", ["kill -9 of the coordinator group", "SIGTERM", "a killed worker"])
 def test_interrupted_study_resumes_to_the_uninterrupted_result(tmp_path, launch, test_corpus, uninterrupted,
                                                                interruption):
     study = resume_study(tmp_path, test_corpus)
     command = ablate_command(study, tmp_path)
     first = launch(*command, name="first")
-    wait_for(lambda: cut_reached(study, tmp_path), 300, f"a trial to report epoch {CUT}")
-    cut = epochs_at_cut(study, tmp_path)
+    frozen, cut = freeze_at_cut(study, tmp_path, first.pid)
     if interruption == "kill -9 of the coordinator group":
         first.kill()
     elif interruption == "SIGTERM":
         os.kill(first.pid, signal.SIGTERM)
+        signal_all(frozen, signal.SIGCONT)  # the coordinator stops its workers itself
         assert first.wait() == 130, first.output
     else:
-        for victim in worker_pids(first.pid):  # every trial running: at least the one at the cut
-            os.kill(victim, signal.SIGKILL)
+        signal_all(frozen, signal.SIGKILL)  # every trial running: at least the one at the cut
     if interruption != "a killed worker":  # the killed worker's trial is retried by the same command
         assert first.proc.poll() is not None
         resumed = run_harness(*command, cwd=tmp_path)
@@ -191,10 +210,7 @@ def test_a_stopped_worker_is_killed_by_the_watchdog_and_its_trial_continues(tmp_
     study = tiny_study(tmp_path, test_corpus, trials=2, seeds="[1]", edits=[
         ("epochs = 2", f"epochs = {EPOCHS}"), ("max_retries = 1", "max_retries = 1\nhung_after = 20")])
     first = launch(*ablate_command(study, tmp_path), name="first")
-    wait_for(lambda: cut_reached(study, tmp_path), 300, f"a trial to report epoch {CUT}")
-    stopped = worker_pids(first.pid)
-    for pid in stopped:  # as a stuck kernel or a dead network mount would leave them: alive, silent
-        os.kill(pid, signal.SIGSTOP)
+    stopped, _ = freeze_at_cut(study, tmp_path, first.pid)  # as a stuck kernel or a dead mount leaves them
     assert first.wait() == 0, first.output
     assert first.output.count("FAILED: hung: no epoch for") == len(stopped), first.output
     assert "(limit 20 s: budget.hung_after = 20)" in first.output
