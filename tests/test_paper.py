@@ -12,6 +12,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
@@ -75,6 +76,19 @@ def test_markdown_marks_the_lowest_mean_and_shows_what_is_missing():
         ["awd_no_weight@cell=gru", "3", "99.00 ± 2.25", "[98.90, 110.10]", "4.50", "[-1.25, 10.25]", "< 0.001†"],
         ["naive", "1", "130.00", "", "30.00", "", ""],
     ]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("column", [
+    np.array([False, True, False]),  # results_frame's supported column: numpy bools
+    pd.array([pd.NA, True, False], dtype="boolean"),
+    [math.nan, 1.0, 0.0],  # read back from results.csv with a missing value
+], ids=["numpy", "nullable", "float"])
+def test_a_supported_difference_is_marked_however_the_frame_holds_its_flag(column):
+    frame = headline(supported_to_reference=column, p_holm_to_reference=[math.nan, 0.0004, 0.2])
+    rows = markdown_rows(markdown_table(frame))
+    assert [r[6] for r in rows] == ["", "< 0.001†", "0.200"]
+    assert r"$<0.001$$^\dagger$" in latex_table(frame) and latex_table(frame).count(r"^\dagger") == 2  # + caption
 
 
 @pytest.mark.fast

@@ -67,7 +67,9 @@ def _holm(p, supported, latex: bool) -> str:
     if _missing(p):
         return ""
     text = ("$<0.001$" if latex else "< 0.001") if p < 0.001 else f"{p:.3f}"
-    return text + ((r"$^\dagger$" if latex else "†") if supported is True else "")
+    # `supported` comes as numpy's or pandas' bool from the frames (never `is True`); NaN or NA when not judged
+    marked = supported is not None and not pd.isna(supported) and bool(supported)
+    return text + ((r"$^\dagger$" if latex else "†") if marked else "")
 
 
 def headline_cells(headline: pd.DataFrame, latex: bool) -> pd.DataFrame:
