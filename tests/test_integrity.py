@@ -14,7 +14,7 @@ from urllib.parse import quote
 import pytest
 
 from harness.cli import main
-from helpers import refused
+from helpers import refused, with_corpus
 from harness.errors import UserError
 from harness.study.stores import LocalLock, check_sqlite, sqlite_path
 
@@ -74,7 +74,7 @@ def test_the_issues_example_leaves_the_locked_store_untouched(tmp_path, capsys, 
     open_storage("sqlite:///optuna.db").engine.dispose()
     before = digest(tmp_path / "optuna.db")
     study = tmp_path / "s.toml"
-    study.write_text((Path(__file__).parents[1] / "studies" / "smoke.toml").read_text())
+    study.write_text(with_corpus((Path(__file__).parents[1] / "studies" / "smoke.toml").read_text(), test_corpus))
     with LocalLock("sqlite:///optuna.db", "sqlite:///mlflow.db"):
         message = refused(capsys, "ablate", study, "--storage", "sqlite:///file:optuna.db?uri=true", "--devices",
                           "cpu", "--tracking-uri", "sqlite:///m2.db")
