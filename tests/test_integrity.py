@@ -184,6 +184,7 @@ def print_secret_from_argv(conn):
     conn.close()
 
 
+@pytest.mark.slow  # it spawns a real process: not the fast tier's (in-process; mutmut's runner is its parent there)
 def test_a_child_process_masks_its_parents_secrets(capfd, monkeypatch):
     import sys
 
