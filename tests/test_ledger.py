@@ -289,14 +289,24 @@ def test_the_ledger_waits_out_a_storage_outage(tmp_path, monkeypatch):
 
     def flaky(*args, **kwargs):
         calls.append(1)
-        if len(calls) <= 2:
+        if len(calls) <= 6:
             raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("server closed the connection"))
         return real(*args, **kwargs)
 
+    slept = []
     monkeypatch.setattr(ledger.storage, "get_all_trials", flaky)
-    monkeypatch.setattr("harness.study.ledger.storage.time.sleep", lambda s: None)
+    monkeypatch.setattr("harness.study.ledger.storage.time.sleep", slept.append)
     assert ledger.tally("awd", SEARCH).waiting == 4
-    assert len(calls) == 3 and "does not answer" in lines[0] and "answers again" in lines[-1]
+    assert len(calls) == 7 and "does not answer" in lines[0] and "answers again" in lines[-1]
+    assert slept == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]  # backing off, doubling up to 10 s between tries
+
+
+def test_only_a_postgresql_storage_is_shared_between_machines(tmp_path):
+    local = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    # A PostgreSQL storage without a server: the engine is made without connecting (what is_shared reads).
+    remote = object.__new__(RDBStorage)
+    remote.engine = sqlalchemy.create_engine("postgresql://user@db-host/optuna")
+    assert is_shared(remote) and not is_shared(local)
 
 
 def test_tally_is_the_one_rule_for_what_each_state_counts_as():

@@ -329,9 +329,9 @@ class Ledger(StudyTrials):
         if retry:
             attrs = {k: v for k, v in frozen.user_attrs.items() if k not in _PER_ATTEMPT_ATTRS}
             # The retry continues this attempt: its checkpoint folder (and, failing that, its predecessors') and
-            # its MLflow run (or the one this attempt was to continue, when it died before making its own).
+            # its MLflow run; an attempt that died before making its own passes on, in attrs, the run it continued.
             lineage = [frozen.number, *frozen.user_attrs.get("lineage", ())]
-            run = frozen.user_attrs.get("mlflow_run_id") or frozen.user_attrs.get("continues_run")
+            run = frozen.user_attrs.get("mlflow_run_id")
             self.studies[(variant, phase)].enqueue_trial(
                 dict(frozen.params),
                 user_attrs={**attrs, "attempt": next_attempt, "retry_of": frozen.number, "lineage": lineage,
