@@ -23,7 +23,7 @@ from harness.study.ledger.reader import LedgerReader
 from harness.study.ledger.storage import (
     RECONNECT_SECONDS, Heartbeat, check_storage, dashboard_command, is_shared, open_storage,
 )
-from harness.study.ledger.studies import holds_study, trial_kind
+from harness.study.ledger.studies import holds_study, study_names, trial_kind
 from harness.study.ledger.writer import Ledger, distributions, make_pruner
 from harness.study.rules import CONFIRM, SEARCH, Tally, default_params, optuna_name
 from harness.study.spec import load_study
@@ -299,6 +299,30 @@ def test_the_ledger_waits_out_a_storage_outage(tmp_path, monkeypatch):
     assert ledger.tally("awd", SEARCH).waiting == 4
     assert len(calls) == 7 and "does not answer" in lines[0] and "answers again" in lines[-1]
     assert slept == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]  # backing off, doubling up to 10 s between tries
+
+
+def test_the_report_reader_waits_out_an_outage_saying_so(tmp_path, monkeypatch):
+    ledger = open_ledger(make_study(tmp_path))
+    lines, calls = [], []
+    reader = LedgerReader(ledger.study, ledger.storage, ledger.identity, log=lines.append)
+    real = ledger.storage.get_all_trials
+
+    def away_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("server closed the connection"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ledger.storage, "get_all_trials", away_once)
+    monkeypatch.setattr("harness.study.ledger.storage.time.sleep", lambda s: None)
+    assert "too few" in reader.importances("awd", 2)
+    assert "does not answer" in lines[0] and "answers again" in lines[-1]
+
+
+def test_study_names_are_the_ones_its_storage_holds(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    optuna.create_study(study_name="someone else's", storage=storage)
+    assert study_names(storage) == {"someone else's"}
 
 
 def test_only_a_postgresql_storage_is_shared_between_machines(tmp_path):
