@@ -281,20 +281,26 @@ def test_a_changed_study_file_or_corpus_is_refused(tmp_path, changed, expected):
         assert expected in str(err.value) and "new study.name" in str(err.value)
 
 
-def test_the_ledger_waits_out_a_storage_outage(tmp_path, monkeypatch):
-    ledger = open_ledger(make_study(tmp_path))
-    lines, calls = [], []
-    ledger.log = lines.append
-    real = ledger.storage.get_all_trials
+def storage_away(monkeypatch, storage, times: int) -> list:
+    """The storage's trial reads fail `times` times as a dropped database server's do, then answer; returns the
+    list that grows by one per read (failed or not)."""
+    calls, real = [], storage.get_all_trials
 
     def flaky(*args, **kwargs):
         calls.append(1)
-        if len(calls) <= 6:
+        if len(calls) <= times:
             raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("server closed the connection"))
         return real(*args, **kwargs)
 
-    slept = []
-    monkeypatch.setattr(ledger.storage, "get_all_trials", flaky)
+    monkeypatch.setattr(storage, "get_all_trials", flaky)
+    return calls
+
+
+def test_the_ledger_waits_out_a_storage_outage(tmp_path, monkeypatch):
+    ledger = open_ledger(make_study(tmp_path))
+    lines, slept = [], []
+    ledger.log = lines.append
+    calls = storage_away(monkeypatch, ledger.storage, times=6)
     monkeypatch.setattr("harness.study.ledger.storage.time.sleep", slept.append)
     assert ledger.tally("awd", SEARCH).waiting == 4
     assert len(calls) == 7 and "does not answer" in lines[0] and "answers again" in lines[-1]
@@ -303,17 +309,9 @@ def test_the_ledger_waits_out_a_storage_outage(tmp_path, monkeypatch):
 
 def test_the_report_reader_waits_out_an_outage_saying_so(tmp_path, monkeypatch):
     ledger = open_ledger(make_study(tmp_path))
-    lines, calls = [], []
+    lines = []
     reader = LedgerReader(ledger.study, ledger.storage, ledger.identity, log=lines.append)
-    real = ledger.storage.get_all_trials
-
-    def away_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("server closed the connection"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ledger.storage, "get_all_trials", away_once)
+    storage_away(monkeypatch, ledger.storage, times=1)
     monkeypatch.setattr("harness.study.ledger.storage.time.sleep", lambda s: None)
     assert "too few" in reader.importances("awd", 2)
     assert "does not answer" in lines[0] and "answers again" in lines[-1]

@@ -68,7 +68,7 @@ def _holm(p, supported, latex: bool) -> str:
         return ""
     text = ("$<0.001$" if latex else "< 0.001") if p < 0.001 else f"{p:.3f}"
     # `supported` comes as numpy's or pandas' bool from the frames (never `is True`); NaN or NA when not judged
-    marked = supported is not None and not pd.isna(supported) and bool(supported)
+    marked = not pd.isna(supported) and bool(supported)  # pd.isna is True for None too
     return text + ((r"$^\dagger$" if latex else "†") if marked else "")
 
 

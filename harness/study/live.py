@@ -77,25 +77,30 @@ class LiveView:
                 f"{s.running:>7} of {trials_for(self.study, v):<5} {f'{best[1]:.2f}' if best else 'none yet':>12}   "
                 f"{c.finished}/{seeds}" + (f" ({c.running} running)" if c.running else ""))
         left = self.ledger.remaining()
+        to_start = self.to_start()  # read once: both lines below price it
         if self.durations:
-            eta = statistics.fmean(self.durations) * self.runs_left() / self.n_slots
+            eta = statistics.fmean(self.durations) * self.runs_left(to_start) / self.n_slots
             lines.append(f"  {left} trials to start; about {eta / 60:.0f} min left at this machine's pace")
         else:
             lines.append(f"  {left} trials to start")
         if self.estimate is not None:
-            lines.append(self.progress())
+            lines.append(self.progress(to_start))
         return "\n".join(lines)
 
-    def runs_left(self) -> float:
+    def to_start(self) -> dict:
+        """(variant, phase) -> the epochs each run still to start will not train (Ledger.to_start), on any machine."""
+        return {(v, p): self.ledger.to_start(v, p) for v in self.ledger.variants for p in (SEARCH, CONFIRM)}
+
+    def runs_left(self, to_start: dict | None = None) -> float:
         """The work left, in whole runs: the epochs still to train of the runs to start on any machine (a retry
         that continues a checkpoint owes only those after it) and of those running here, over the epochs of one."""
         epochs = self.study.max_epochs
-        done = [d for v in self.ledger.variants for p in (SEARCH, CONFIRM) for d in self.ledger.to_start(v, p)]
+        done = [d for runs in (to_start or self.to_start()).values() for d in runs]
         done += [e for _, _, e in self.running.values()]
         return sum(epochs - min(d, epochs) for d in done) / epochs
 
-    def progress(self) -> str:
+    def progress(self, to_start: dict | None = None) -> str:
         """The estimate against reality: time taken, and the end projected from the runs that ended and the epochs
         left (a retry that continues a checkpoint owes only the epochs after it)."""
-        left = {(v, p): self.ledger.to_start(v, p) for v in self.ledger.variants for p in (SEARCH, CONFIRM)}
-        return self.estimate.progress(time.monotonic() - self.started, self.work, left, list(self.running.values()))
+        return self.estimate.progress(time.monotonic() - self.started, self.work, to_start or self.to_start(),
+                                      list(self.running.values()))
