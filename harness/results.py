@@ -24,7 +24,8 @@ from harness.study.stores import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
 
 # Each frame's columns and dtypes, in order ("string", "Int64" and "boolean" are pandas' nullable dtypes: <NA>
 # where nothing was measured). `runs` adds one `axis.KEY` column per [axes] key and one float column per searched
-# parameter ("dropout.weight", "train.lr"); `headline` one `best.PARAM` column per searched parameter.
+# parameter ("dropout.weight", "train.lr"); `headline` one `axis.KEY` column per [axes] key (after reference_arm; <NA>
+# for an arm that axis cannot act on) and one `best.PARAM` column per searched parameter.
 RUNS = {
     "run_id": "string", "name": "string", "arm": "string",  # arm: variant@axis=value,... (the variant without axes)
     "variant": "string", "phase": "string", "trial": "Int64", "seed": "Int64", "attempt": "Int64",
@@ -48,7 +49,9 @@ COMPARISON = {  # one comparison's columns; `headline` holds them against the re
 COMPARISONS = {"variant": "string", "baseline": "string", "n_variant": "int64", "n_baseline": "int64",
                "paired": "bool", **COMPARISON, "search_limited": "string"}  # search_limited: flags of either arm
 HEADLINE = {
-    "variant": "string", "description": "string", "reference": "bool", "search_best_val_ppl": "float64",
+    "variant": "string", "description": "string", "reference": "bool",
+    "reference_arm": "string",  # what the *_to_reference columns compare with (with axes: the reference at its level)
+    "search_best_val_ppl": "float64",
     "confirm_seeds": "int64", "seeds": "string", "test_ppl_mean": "float64", "test_ppl_sd": "float64",
     "test_ppl_ci_low": "float64", "test_ppl_ci_high": "float64", "test_ppl_ci_method": "string",
     "best_epoch_median": "float64", "best_epoch_max": "Int64", "epochs": "Int64", "converged": "boolean",
@@ -92,7 +95,7 @@ class StudyResults:
     answer_key: pd.DataFrame  # ANSWER_KEY: published against measured per arm and metric (empty without [expect])
     answer_signs: pd.DataFrame  # ANSWER_SIGNS: each published difference between two keyed arms, and if it holds
     crossed: pd.DataFrame  # crossed.csv: each effect per axis level, each interaction contrast (empty without [axes])
-    conclusions: list  # the report's sentences: the headline's, then the crossed section's
+    conclusions: list  # the report's sentences: the crossed section's (with axes), then the headline's
     missing: list  # what a complete study would have and this one lacks (empty when complete)
 
     @property
@@ -103,7 +106,8 @@ class StudyResults:
 
     @property
     def reference(self) -> str:
-        """The arm every other is compared with (awd, else the best; see summary.reference_note)."""
+        """The variant every other is compared with (awd, else the best; see summary.reference_note); with axes its
+        arm at each level is that level's reference (headline.reference_arm)."""
         return self.summary.reference
 
     @property
@@ -134,7 +138,7 @@ def from_log(log: StudyLog) -> StudyResults:
                         headline_frame(result), comparisons_frame(result), flags_frame(result),
                         *answer_frames(result.answer_key),
                         pd.DataFrame() if crossed is None else crossed_frame(crossed),
-                        conclusions(result) + crossed_conclusions(crossed), result.missing)
+                        crossed_conclusions(crossed) + conclusions(result), result.missing)
 
 
 def runs_frame(log: StudyLog) -> pd.DataFrame:
@@ -198,7 +202,9 @@ def headline_frame(result: StudyResult) -> pd.DataFrame:
     for r in result.rows:
         ci = r.ci
         rows.append({
-            "variant": r.name, "description": r.description, "reference": r.name == result.reference,
+            "variant": r.name, "description": r.description, "reference": result.is_reference(r.name),
+            "reference_arm": (to_reference[r.name].baseline if r.name in to_reference
+                              else r.name if result.is_reference(r.name) else None),
             "search_best_val_ppl": r.search_best_val_ppl, "confirm_seeds": len(r.test_ppl),
             "seeds": ";".join(map(str, sorted(r.test_ppl))), "test_ppl_mean": r.mean, "test_ppl_sd": r.sd,
             "test_ppl_ci_low": ci.low if ci else None, "test_ppl_ci_high": ci.high if ci else None,
@@ -213,6 +219,11 @@ def headline_frame(result: StudyResult) -> pd.DataFrame:
             "device_hours": r.device_hours,
         })
     frame = typed(rows, HEADLINE)
+    study = result.log.study
+    for i, key in enumerate(study.axes):  # each arm's level, so a reader can group the rows by it
+        levels = [dict(study.variants[r.name].axes).get(key) for r in result.rows]
+        frame.insert(list(frame.columns).index("reference_arm") + 1 + i, f"axis.{key}",
+                     pd.Series(levels, dtype="object"))
     at = list(frame.columns).index("search_flags")
     for i, param in enumerate(searched):  # best.PARAM columns, before the flags
         frame.insert(at + i, f"best.{param}", pd.Series([r.best_params.get(param) for r in result.rows],

@@ -260,3 +260,21 @@ def test_live_view_counts_interrupted_trials_apart_from_failed_ones(tmp_path, te
     done, pruned, failed, interrupted = (int(n) for n in row.split()[1:8:2])
     assert (done, pruned, failed, interrupted) == (0, 0, 1, 1)
     assert row.split()[-3:-1] == ["none", "yet"]  # no finished trial: no best value, and no "nan"
+
+
+@pytest.mark.fast
+def test_live_view_columns_hold_for_arm_names_longer_than_a_variants(tmp_path, test_corpus):
+    study = tiny_study(tmp_path, test_corpus, trials=2, edits=[
+        ("[search]", '[axes]\n"model.cell" = ["lstm", "rnn_tanh"]\n[search]')])
+    coordinator = open_coordinator(study, f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                   tmp_path / "runs")
+    ledger = coordinator.ledger
+    ledger.fail(ledger.claim("weight_only@cell=rnn_tanh", SEARCH), "RuntimeError: boom")
+    lines = coordinator.view.summary().splitlines()
+    header = lines[1]
+    rows = [line for line in lines if line.split()[:1] and line.split()[0] in study.variants]
+    assert len(rows) == len(study.variants) and any(len(arm) > 18 for arm in study.variants)
+    # Every row's counts sit under the header's: the column after the arm name starts at the same place.
+    start = header.index("search:")
+    assert all(row[start - 1] == " " and row[:start].rstrip() == "  " + row.split()[0] for row in rows)
+    assert {row.index(" of ") for row in rows} == {rows[0].index(" of ")}

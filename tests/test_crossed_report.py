@@ -14,15 +14,20 @@ import pytest
 from markupsafe import escape
 from scipy import stats as scipy_stats
 
+from harness import results
 from harness.masks import png_data_uri, weight_figure
 from harness.report import build_report
-from harness.report.crossed import cross, cross_result, crossed_conclusions, crossed_frame, crossed_section
-from harness.report.crossed import plot_crossed
+from harness.report.page import render_html
+from harness.report.paper import caption, markdown_table
+from harness.report.plots import palette, plot_isolation
+from harness.report.summary import summarize
+from harness.report.crossed import cross_result, crossed_conclusions, crossed_frame, crossed_section, plot_crossed
+from harness.report.crossing import cross
 from harness.report.summary import StudyResult, VariantResult
 from harness.study.coordinator import run_study
 from harness.study.scheduler import Slot
 from harness.study.spec import load_study
-from helpers import child_runs, tiny_study
+from helpers import child_runs, logged_run, study_log, tiny_study
 
 pytestmark = pytest.mark.fast
 
@@ -199,9 +204,133 @@ def test_a_rate_axis_draws_a_technique_it_cannot_act_on_as_one_arm(tmp_path):
     (same,) = set(drawn["embedding_only (one arm)"].get_ydata())  # one arm: the same effect at every level
 
 
+# --- the headline of a study with axes: every comparison within one axis level ---------------------------------
+# The GRU's arms are all far better than the LSTM's: a headline ranking arms across cells would pick gru arms as
+# "best" and compare LSTM arms with them. Within each cell awd is best.
+CELL_BASE = {"lstm": 560.0, "gru": 480.0}
+
+
+def crossed_log(tmp_path, variants=("no_dropout", "weight_only", "embedding_only", "awd")):
+    path = tmp_path / "crossed.toml"
+    path.write_text(BASE.split("[variants.no_dropout]")[0] + "".join(f"[variants.{v}]\n" for v in variants)
+                    + '[axes]\n"model.cell" = ["lstm", "gru"]\n')
+    study = load_study(path)
+    rng = np.random.default_rng(5)
+    base = {c: {s: CELL_BASE[c] + rng.normal(0, 8) for s in SEEDS} for c in CELL_BASE}
+    test_ppl = {arm: {s: v + EFFECT[spec.variant][dict(spec.axes)["model.cell"]] + rng.normal(0, 2)
+                      for s, v in base[dict(spec.axes)["model.cell"]].items()}
+                for arm, spec in study.variants.items()}
+    runs = [logged_run(arm, seed=s, test_ppl=v) for arm, by_seed in test_ppl.items() for s, v in by_seed.items()]
+    return study, test_ppl, study_log(study, runs)
+
+
+def cells_named(sentence: str) -> set:
+    return set(re.findall(r"cell=(\w+)", sentence))
+
+
+def test_with_axes_the_headline_compares_each_arm_with_awds_arm_at_its_own_level(tmp_path):
+    study, test_ppl, log = crossed_log(tmp_path)
+    found = results.from_log(log)
+    headline, crossed = found.headline, found.crossed
+    assert found.reference == "awd" and "not in this study" not in " ".join(found.conclusions)
+    # Grouped by level (the [axes] order), best first within each: never one ranking across cells.
+    mean = {arm: np.mean(list(by_seed.values())) for arm, by_seed in test_ppl.items()}
+    assert list(headline.variant) == [arm for c in ("lstm", "gru")
+                                      for arm in sorted((a for a in mean if a.endswith(f"={c}")), key=mean.get)]
+    assert [arm.split("@")[0] for arm in headline.variant[:4]] != [arm.split("@")[0] for arm in headline.variant[4:]]
+    assert list(headline.reference) == [True, False, False, False] * 2
+    family = crossed.set_index(["arm", "baseline_arm"])
+    for row in headline.itertuples():
+        cell = row.variant.split("=")[1]
+        assert row.reference_arm == f"awd@cell={cell}"
+        if row.reference:
+            assert pd.isna(row.diff_to_reference)
+            continue
+        diff, (low, high), p = paired(test_ppl[row.variant], test_ppl[f"awd@cell={cell}"])
+        assert (row.diff_to_reference, row.diff_ci_low_to_reference, row.diff_ci_high_to_reference,
+                row.p_to_reference) == pytest.approx((diff, low, high, p), rel=1e-9)
+        # One Holm family for the whole report: the headline's Holm p is the crossed section's for the same pair.
+        assert row.p_holm_to_reference == pytest.approx(family.loc[(row.variant, row.reference_arm), "p_holm"])
+    assert list(crossed.p_holm) == pytest.approx(holm(list(crossed.p)), rel=1e-12)
+    assert all(cells_named(a) == cells_named(b) for a, b in zip(found.comparisons.variant, found.comparisons.baseline))
+    assert caption(headline).startswith("Test perplexity over the confirmation seeds: mean ± sd and its 95% interval; "
+                                        "diff: mean difference to awd's arm at the same axis level (negative is "
+                                        "better)")
+    assert list(headline["axis.model.cell"]) == [arm.split("=")[1] for arm in headline.variant]
+    # The paper's table bolds the lowest mean of each level, not one arm across levels.
+    bold = [line.split(" | ")[0].strip("|* ") for line in markdown_table(headline).splitlines() if "**" in line]
+    assert bold == ["awd@cell=lstm", "awd@cell=gru"]
+    assert caption(headline).endswith("the lowest mean at each axis level.")
+
+
+def test_with_axes_the_isolation_plot_ranks_searches_within_each_level(tmp_path):
+    study, _, _ = crossed_log(tmp_path)
+    # Every GRU arm's search is better than every LSTM arm's: one ranking would put all of them on top.
+    trials = [(arm, {}, CELL_BASE[dict(spec.axes)["model.cell"]] + i, None)
+              for i, (arm, spec) in enumerate(reversed(study.variants.items()))]
+    result = summarize(study_log(study, [], trials))
+    fig = plot_isolation(result, palette(study.variants))
+    labels = [tick.get_text() for tick in fig.axes[0].get_yticklabels()]
+    assert [label.split("=")[1] for label in labels] == ["lstm"] * 4 + ["gru"] * 4
+    values = {arm: value for arm, _, value, _ in trials}
+    assert all(values[a] < values[b] for a, b in zip(labels, labels[1:]) if a.split("=")[1] == b.split("=")[1])
+
+
+def test_with_a_rate_axis_an_arm_it_cannot_act_on_competes_at_every_level_for_the_bold_row(tmp_path):
+    study = study_with(tmp_path, axes='"dropout.weight" = [0.2, 0.5]\n')  # no_dropout and embedding_only: one arm
+    means = {"no_dropout": 520.0, "embedding_only": 490.0, "weight_only@weight=0.2": 480.0,
+             "weight_only@weight=0.5": 500.0}
+    runs = [logged_run(arm, seed=s, test_ppl=mean + s) for arm, mean in means.items() for s in (1, 2, 3)]
+    headline = results.from_log(study_log(study, runs)).headline
+    assert pd.isna(headline.set_index("variant").loc["embedding_only", "axis.dropout.weight"])
+    bold = [line.split(" | ")[0].strip("|* ") for line in markdown_table(headline).splitlines() if "**" in line]
+    assert sorted(bold) == ["embedding_only", "weight_only@weight=0.2"]  # best at 0.5: the arm shared by both levels
+
+
+def test_with_axes_the_crossed_answer_leads_and_no_sentence_compares_across_levels(tmp_path):
+    study, test_ppl, log = crossed_log(tmp_path)
+    found = results.from_log(log)
+    crossed_said = crossed_conclusions(found.summary.crossed)
+    said = found.conclusions
+    assert said[:len(crossed_said)] == crossed_said and crossed_said[0].startswith("weight_only against no_dropout")
+    rest = said[len(crossed_said):]
+    for cell in ("lstm", "gru"):
+        arms = sorted(("awd", "embedding_only", "weight_only", "no_dropout"),
+                      key=lambda v: np.mean(list(test_ppl[f"{v}@cell={cell}"].values())))
+        ordering = (f"At cell={cell}, ordered by mean test perplexity (lower is better; 6 confirmation seeds): "
+                    + " < ".join(f"{v} {np.mean(list(test_ppl[f'{v}@cell={cell}'].values())):.2f}" for v in arms) + ".")
+        assert ordering in rest
+    assert all(len(cells_named(sentence)) <= 1 for sentence in rest)  # the crossed ones contrast levels, by design
+    # Effects against no_dropout are the crossed section's to say; the headline's sentences add those against awd.
+    assert not any(s.startswith(("weight_only@cell=lstm beats no_dropout", "Not supported: weight_only@cell=lstm ahead "
+                                 "of no_dropout")) for s in rest)
+    assert any("weight_only@cell=gru" in s and "awd@cell=gru" in s for s in rest)
+    page = render_html(found)
+    assert page.index('id="crossed-question"') < page.index('id="conclusions"') < page.index('id="headline"')
+    assert "vs awd at the same level" in page and "Conclusions per arm" in page
+    assert str(escape("Δ is the arm's mean minus the mean of awd's arm at the same axis level")) in page
+
+
+def test_with_axes_and_no_awd_the_reference_is_one_variant_compared_at_each_level(tmp_path):
+    study, test_ppl, log = crossed_log(tmp_path, variants=("no_dropout", "weight_only", "embedding_only"))
+    found = results.from_log(log)
+    means = {v: np.mean([np.mean(list(test_ppl[f"{v}@cell={c}"].values())) for c in CELL_BASE])
+             for v in ("no_dropout", "weight_only", "embedding_only")}
+    assert found.reference == min(means, key=means.get) == "weight_only"
+    assert found.summary.reference_note.startswith("awd is not in this study, so differences are to the best "
+                                                   "variant, weight_only (its arm at each axis level) (lowest mean "
+                                                   "test perplexity, the mean over its arms).")
+    headline = found.headline.set_index("variant")
+    assert headline.loc["no_dropout@cell=gru", "reference_arm"] == "weight_only@cell=gru"
+    assert list(headline.index[headline.reference]) == ["weight_only@cell=lstm", "weight_only@cell=gru"]
+    assert all(cells_named(a) == cells_named(b) for a, b in zip(found.comparisons.variant, found.comparisons.baseline))
+
+
 def result_of(study, test_ppl) -> StudyResult:
     rows = [VariantResult(arm, "", (), None, {}, values, None, 0.0) for arm, values in test_ppl.items()]
-    return StudyResult(SimpleNamespace(study=study), rows, [], rows[0].name, "", [])
+    crossed = cross(study, test_ppl)
+    return StudyResult(SimpleNamespace(study=study), rows, [e.comparison for e in crossed.effects] if crossed else [],
+                       "awd", "", [], crossed=crossed)
 
 
 def test_without_axes_there_is_no_section(tmp_path):

@@ -152,6 +152,21 @@ def test_pruning_shortens_only_the_assumed_trials(tmp_path):
     assert "pruning: the figures above assume none (an upper bound); median pruner" in plan.format()
 
 
+def test_the_table_keeps_its_columns_for_arm_names_longer_than_a_variants(tmp_path):
+    path = tmp_path / "axes.toml"
+    path.write_text(STUDY.format(epochs=4, pruner="none", warmup=0, seeds="[1]")
+                    + '[axes]\n"model.cell" = ["lstm", "rnn_tanh"]\n')
+    study = load_study(path)
+    lines = estimate(study, hand_calibration(list(study.variants)), SIZES, n_slots=2).format().splitlines()
+    header, *rows = [line for line in lines[1:] if line.startswith("  ")]
+    assert any(len(arm) > 18 for arm in study.variants)  # weight_only@cell=rnn_tanh
+    phase = header.index("phase")
+    assert all(row[phase:].startswith(("search", "confirmation", " ")) for row in rows)
+    assert all(row[phase - 1] == " " for row in rows)  # the arm's name ends before the phase column
+    hours = header.index("device-h") + len("device-h")
+    assert all(row[hours - 1].isdigit() and len(row) == hours for row in rows)  # totals line included
+
+
 # --- the estimate ---------------------------------------------------------------------------------------
 def test_estimate_prices_runs_from_the_rates_and_the_corpus_sizes(tmp_path):
     study = write_study(tmp_path, epochs=4)

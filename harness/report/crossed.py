@@ -1,11 +1,10 @@
 """The report's crossed section, for a study with [axes]: each technique's effect at every axis level against its
-baseline's arm there and each interaction contrast (harness.report.crossing picks them), Holm-adjusted as ONE family
-of their own; as a frame (crossed.csv), a plot of effect against level, sentences, and the page's section.
-Without [axes] there is no section: every function returns None or nothing.
+baseline's arm there and each interaction contrast (harness.report.crossing computes them as ONE Holm family, the
+headline's per-level effects among them), as a frame (crossed.csv), a plot of effect against level, sentences, and
+the page's section, which leads the page. Without [axes] there is no section: every function returns None or nothing.
 """
 
 import itertools
-from dataclasses import dataclass, replace
 
 import pandas as pd
 import seaborn as sns
@@ -14,73 +13,15 @@ from matplotlib.figure import Figure
 from harness import stats
 from harness.masks import png_data_uri
 from harness.report import crossing, plots
+from harness.report.crossing import CrossedResult, axis_label, level_text
 from harness.report.summary import StudyResult
-from harness.study.spec import StudyConfig
 
 EFFECT, INTERACTION = "effect", "interaction"
 
 
-@dataclass(frozen=True)
-class Effect:
-    """One arm against its baseline's arm at the same level: the pair and its comparison (arm minus baseline)."""
-
-    pair: crossing.Pair
-    comparison: stats.Comparison
-
-
-@dataclass(frozen=True)
-class CrossedResult:
-    """Every crossed comparison of a study with axes, adjusted together (p_holm over effects and interactions)."""
-
-    study: StudyConfig
-    effects: list  # Effect, in crossing.crossed_pairs order
-    interactions: list  # crossing.Interaction, comparison filled (effect at the first level minus at the second)
-
-    @property
-    def family(self) -> list:
-        """Every comparison of the one Holm family, effects first."""
-        return [e.comparison for e in self.effects] + [i.comparison for i in self.interactions]
-
-    def effect(self, pair: crossing.Pair) -> tuple:
-        """(diff, ci, comparison) of pair.arm minus pair.baseline: awd's effect against no_dropout is measured once,
-        as no_dropout against awd, so it is read here with its sign turned."""
-        for e in self.effects:
-            if (e.pair.arm, e.pair.baseline) == (pair.arm, pair.baseline):
-                return e.comparison.diff, e.comparison.ci, e.comparison
-        for e in self.effects:
-            if (e.pair.arm, e.pair.baseline) == (pair.baseline, pair.arm):
-                c = e.comparison
-                ci = c.ci and stats.Interval(-c.ci.high, -c.ci.low, c.ci.method, c.ci.confidence)
-                return (None if c.diff is None else -c.diff), ci, c
-        raise KeyError(f"{pair.arm} against {pair.baseline} is not among the crossed effects")
-
-
-def cross(study: StudyConfig, test_ppl: dict) -> CrossedResult | None:
-    """The crossed comparisons from arm -> {seed: test perplexity}; None when the study has no axes."""
-    if not study.axes:
-        return None
-    pairs, contrasts = crossing.crossed_pairs(study), crossing.interactions(study)
-    compared = [stats.compare(test_ppl.get(p.arm, {}), test_ppl.get(p.baseline, {}), names=(p.arm, p.baseline))
-                for p in pairs] + [crossing.compare_interaction(i, test_ppl) for i in contrasts]
-    adjusted = stats.adjust(compared)
-    return CrossedResult(study, [Effect(p, c) for p, c in zip(pairs, adjusted)],
-                         [replace(i, comparison=c) for i, c in zip(contrasts, adjusted[len(pairs):])])
-
-
 def cross_result(result: StudyResult) -> CrossedResult | None:
-    """cross() on a built report's confirmation results."""
-    return cross(result.log.study, {r.name: r.test_ppl for r in result.rows})
-
-
-def axis_label(study: StudyConfig, key: str) -> str:
-    """An axis as arm names spell it: "cell", or the full key where two axes share a short name."""
-    short = key.split(".", 1)[1]
-    return short if sum(k.split(".", 1)[1] == short for k in study.axes) == 1 else key
-
-
-def level_text(study: StudyConfig, level) -> str:
-    """((key, value), ...) as "cell=gru, train_tokens=2000"; "every level" for an arm no axis acts on."""
-    return ", ".join(f"{axis_label(study, k)}={v}" for k, v in level) or "every level"
+    """The crossed comparisons summarize() made (None without axes)."""
+    return result.crossed
 
 
 def _comparison_columns(c: stats.Comparison) -> dict:
@@ -237,14 +178,15 @@ def crossed_section(result: StudyResult) -> dict | None:
         "An interaction contrast is a technique's effect at one level minus its effect at another level of one axis, "
         "the other axes held fixed: the paired per-seed effects at the first level against those at the second.",
         f"These {len(crossed.family)} comparisons ({len(crossed.effects)} effects, {len(crossed.interactions)} "
-        f"interaction contrasts; {tested} tested) are one family for Holm's adjustment, apart from the headline's; "
-        f"an effect or a difference between levels is called supported when its Holm-adjusted p is below "
-        f"{stats.ALPHA}. Intervals are 95%, per comparison, unadjusted.",
+        f"interaction contrasts; {tested} tested) are the report's one family for Holm's adjustment: the headline's "
+        f"Δ and Holm p are these effects against {crossed.reference}'s arm at each level. An effect or a difference "
+        f"between levels is called supported when its Holm-adjusted p is below {stats.ALPHA}. Intervals are 95%, per "
+        "comparison, unadjusted.",
     ]
-    if any(e.pair.variant == crossing.NO_DROPOUT and e.pair.baseline_variant == crossing.REFERENCE
+    if any(e.pair.variant == crossing.NO_DROPOUT and e.pair.baseline_variant == crossed.reference
            for e in crossed.effects):
-        notes.append(f"{crossing.REFERENCE}'s own effect against {crossing.NO_DROPOUT} is measured once, as the row "
-                     f"{crossing.NO_DROPOUT} against {crossing.REFERENCE}: the sentences and the plot show it with "
+        notes.append(f"{crossed.reference}'s own effect against {crossing.NO_DROPOUT} is measured once, as the row "
+                     f"{crossing.NO_DROPOUT} against {crossed.reference}: the sentences and the plot show it with "
                      "its sign turned.")
     return {"conclusions": crossed_conclusions(crossed), "effects": effects, "interactions": contrasts,
             "image": png_data_uri(fig) if fig is not None else None, "notes": notes,

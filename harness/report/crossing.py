@@ -1,11 +1,12 @@
 """The crossed question of a study with [axes]: each technique's effect at every axis level, and whether it differs
-between levels. Effects are arm minus baseline arm at the same level (its variant against `awd` and against
-`no_dropout`, as without axes); an interaction contrast is one variant's effect against no_dropout at one level
-minus its effect at another level of one axis, the other axes held fixed, paired over the confirmation seeds.
+between levels. Effects are arm minus baseline arm at the same level (its variant against the reference, `awd`,
+and against `no_dropout`, as without axes); an interaction contrast is one variant's effect against no_dropout at
+one level minus its effect at another level of one axis, the other axes held fixed, paired over the confirmation
+seeds. `cross` computes them all as one Holm family: with axes, the report's headline reads its effects from it.
 """
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from harness import stats
 from harness.study.spec import StudyConfig
@@ -67,20 +68,23 @@ def _has(study: StudyConfig, variant: str) -> bool:
     return any(arm.variant == variant for arm in study.variants.values())
 
 
-def crossed_pairs(study: StudyConfig) -> list[Pair]:
-    """Every effect the crossed report measures, as without axes but per level: each arm against awd's arm at its
-    level (when the study has awd), then each other arm against no_dropout's (each technique's own effect)."""
-    pairs = effects_against(study, REFERENCE) if _has(study, REFERENCE) else []
-    if _has(study, NO_DROPOUT):
-        pairs += [p for p in effects_against(study, NO_DROPOUT) if p.variant != REFERENCE or not pairs]
+def crossed_pairs(study: StudyConfig, reference: str = REFERENCE) -> list[Pair]:
+    """Every effect the crossed report measures, as without axes but per level: each arm against the reference
+    variant's arm at its level (when the study has that variant), then each arm against no_dropout's (each
+    technique's own effect). The reference's own effect against no_dropout is measured once: where no_dropout's arm
+    is already compared with that reference arm, it is read turned (CrossedResult.effect)."""
+    pairs = effects_against(study, reference) if _has(study, reference) else []
+    if _has(study, NO_DROPOUT) and reference != NO_DROPOUT:
+        measured = {(p.arm, p.baseline) for p in pairs}
+        pairs += [p for p in effects_against(study, NO_DROPOUT) if (p.baseline, p.arm) not in measured]
     return pairs
 
 
-def interactions(study: StudyConfig) -> list[Interaction]:
-    """For each variant's effect against no_dropout (against awd when the study has no no_dropout), awd's own
-    included, and each axis: every two levels of that axis with the other axes equal. Effects against the second
-    baseline are not crossed again: each contrast added to the Holm family costs power."""
-    baseline = NO_DROPOUT if _has(study, NO_DROPOUT) else REFERENCE
+def interactions(study: StudyConfig, reference: str = REFERENCE) -> list[Interaction]:
+    """For each variant's effect against no_dropout (against the reference when the study has no no_dropout), the
+    reference's own included, and each axis: every two levels of that axis with the other axes equal. Effects
+    against the second baseline are not crossed again: each contrast added to the Holm family costs power."""
+    baseline = NO_DROPOUT if _has(study, NO_DROPOUT) else reference
     effects = effects_against(study, baseline)
     out = []
     for axis in study.axes:
@@ -96,6 +100,17 @@ def interactions(study: StudyConfig) -> list[Interaction]:
     return out
 
 
+def axis_label(study: StudyConfig, key: str) -> str:
+    """An axis as arm names spell it: "cell", or the full key where two axes share a short name."""
+    short = key.split(".", 1)[1]
+    return short if sum(k.split(".", 1)[1] == short for k in study.axes) == 1 else key
+
+
+def level_text(study: StudyConfig, level) -> str:
+    """((key, value), ...) as "cell=gru, train_tokens=2000"; "every level" for an arm no axis acts on."""
+    return ", ".join(f"{axis_label(study, k)}={v}" for k, v in level) or "every level"
+
+
 def per_seed_effect(values: dict, baseline: dict) -> dict:
     """seed -> arm minus baseline, over the seeds both ran (confirmation seeds are paired across arms)."""
     return {seed: values[seed] - baseline[seed] for seed in sorted(set(values) & set(baseline))}
@@ -109,3 +124,52 @@ def compare_interaction(interaction: Interaction, test_ppl: dict) -> stats.Compa
     axis = interaction.axis.split(".", 1)[1]
     return stats.compare(first, second, names=(f"{interaction.variant} effect at {axis}={interaction.levels[0]}",
                                                f"at {axis}={interaction.levels[1]}"))
+
+
+@dataclass(frozen=True)
+class Effect:
+    """One arm against its baseline's arm at the same level: the pair and its comparison (arm minus baseline)."""
+
+    pair: Pair
+    comparison: stats.Comparison
+
+
+@dataclass(frozen=True)
+class CrossedResult:
+    """Every crossed comparison of a study with axes, adjusted together (p_holm over effects and interactions)."""
+
+    study: StudyConfig
+    reference: str  # the variant whose arm at each level the others are compared with first ("awd")
+    effects: list  # Effect, in crossed_pairs order
+    interactions: list  # Interaction, comparison filled (effect at the first level minus at the second)
+
+    @property
+    def family(self) -> list:
+        """Every comparison of the one Holm family, effects first."""
+        return [e.comparison for e in self.effects] + [i.comparison for i in self.interactions]
+
+    def effect(self, pair: Pair) -> tuple:
+        """(diff, ci, comparison) of pair.arm minus pair.baseline: the reference's effect against no_dropout is
+        measured once, as no_dropout against the reference, so it is read here with its sign turned."""
+        for e in self.effects:
+            if (e.pair.arm, e.pair.baseline) == (pair.arm, pair.baseline):
+                return e.comparison.diff, e.comparison.ci, e.comparison
+        for e in self.effects:
+            if (e.pair.arm, e.pair.baseline) == (pair.baseline, pair.arm):
+                c = e.comparison
+                ci = c.ci and stats.Interval(-c.ci.high, -c.ci.low, c.ci.method, c.ci.confidence)
+                return (None if c.diff is None else -c.diff), ci, c
+        raise KeyError(f"{pair.arm} against {pair.baseline} is not among the crossed effects")
+
+
+def cross(study: StudyConfig, test_ppl: dict, reference: str = REFERENCE) -> CrossedResult | None:
+    """The crossed comparisons from arm -> {seed: test perplexity}, Holm-adjusted as one family (stats.adjust);
+    None when the study has no axes."""
+    if not study.axes:
+        return None
+    pairs, contrasts = crossed_pairs(study, reference), interactions(study, reference)
+    compared = [stats.compare(test_ppl.get(p.arm, {}), test_ppl.get(p.baseline, {}), names=(p.arm, p.baseline))
+                for p in pairs] + [compare_interaction(i, test_ppl) for i in contrasts]
+    adjusted = stats.adjust(compared)
+    return CrossedResult(study, reference, [Effect(p, c) for p, c in zip(pairs, adjusted)],
+                         [replace(i, comparison=c) for i, c in zip(contrasts, adjusted[len(pairs):])])

@@ -82,20 +82,39 @@ def _headline(found) -> list:
     return rows
 
 
+def reference_label(result: StudyResult) -> str:
+    """What the headline's Δ is measured against: "awd", or with axes "awd at the same level"."""
+    return result.reference + (" at the same level" if result.crossed is not None else "")
+
+
 def _headline_notes(result: StudyResult) -> list:
-    tested = sum(c.p is not None for c in result.comparisons)
     baselines = result.reference + (f" and, for each technique's own effect, {NO_DROPOUT}"
-                                    if any(c.baseline == NO_DROPOUT for c in result.comparisons) else "")
+                                    if any(result.variant_of(c.baseline) == NO_DROPOUT for c in result.comparisons)
+                                    else "")
+    if result.crossed is None:
+        tested = sum(c.p is not None for c in result.comparisons)
+        order = "Rows are ordered by mean test perplexity, lowest first."
+        delta = f"Δ is the variant's mean minus {result.reference}'s"
+        family = (f"Every comparison in this report (against {baselines}: {len(result.comparisons)} in all, {tested} "
+                  "tested) is one family for Holm's adjustment, ")
+    else:
+        family_size = len(result.crossed.family)
+        tested = sum(c.p is not None for c in result.crossed.family)
+        order = ("Rows are grouped by axis level (an arm no axis acts on comes after them), and ordered by mean test "
+                 "perplexity, lowest first, within each level.")
+        delta = (f"Δ is the arm's mean minus the mean of {result.reference}'s arm at the same axis level (the "
+                 "reference row of that level): arms of different levels are never compared here")
+        family = (f"Every comparison in this report (against {baselines} at each level, and the crossed section's "
+                  f"interaction contrasts: {family_size} in all, {tested} tested) is one family for Holm's "
+                  "adjustment, ")
     notes = [
-        "Rows are ordered by mean test perplexity, lowest first. The search picks each variant's rates by validation "
-        "perplexity; test perplexity comes only from the confirmation runs, which retrain those rates with new seeds.",
-        f"Δ is the variant's mean minus {result.reference}'s: negative means lower (better) perplexity. Intervals are "
+        order + " The search picks each variant's rates by validation perplexity; test perplexity comes only from the "
+        "confirmation runs, which retrain those rates with new seeds.",
+        f"{delta}: negative means lower (better) perplexity. Intervals are "
         f"95%: Student t (paired differences where the seeds match, Welch otherwise) below {stats.BCA_MIN_N} seeds, "
         "scipy's BCa bootstrap from there on; each interval is for its own comparison, unadjusted.",
-        f"p: two-sided paired t-test over matching seeds, Welch's t-test otherwise. Every comparison in this report "
-        f"(against {baselines}: {len(result.comparisons)} in all, {tested} tested) is one family for "
-        "Holm's adjustment, "
-        f"and a difference is called supported when its Holm-adjusted p is below {stats.ALPHA}.",
+        "p: two-sided paired t-test over matching seeds, Welch's t-test otherwise. " + family
+        + f"and a difference is called supported when its Holm-adjusted p is below {stats.ALPHA}.",
         "Best epoch: the median over the confirmation seeds of the epoch with the lowest validation perplexity; ⚠ "
         "marks a variant with a seed whose best epoch fell in the last quarter of its epochs (it may not have "
         "converged).",
@@ -221,6 +240,7 @@ def render_html(found, out_dir: Path = Path("reports")) -> str:
         study=study, result=result, tracking_uri=redact(log.tracking_uri), storage=redact(log.storage),
         built=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         conclusions=conclusions(result), headline=_headline(found), headline_notes=_headline_notes(result),
+        reference=reference_label(result),
         answer_key=_answer_key(found),
         plots=_plots(result), failures=_failures(result),
         masks=_masks(),

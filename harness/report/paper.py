@@ -3,6 +3,7 @@ every figure as PDF and SVG at a paper's column width with its fonts embedded, a
 says how to cite the configuration (study file digest, git commit, corpus MD5s).
 """
 
+import itertools
 import math
 import textwrap
 from dataclasses import dataclass
@@ -93,14 +94,28 @@ def headline_cells(headline: pd.DataFrame, latex: bool) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
 
-def _best_row(headline: pd.DataFrame) -> int | None:
-    """Position of the lowest mean test perplexity, None when no variant has one."""
+def _best_rows(headline: pd.DataFrame) -> set:
+    """Positions of the lowest mean test perplexity: one row, or with [axes] (the headline's axis.KEY columns) one per
+    axis level, since arms of different levels are not compared; empty when no arm has a mean."""
     means = pd.to_numeric(headline.test_ppl_mean, errors="coerce").reset_index(drop=True)
-    return None if means.isna().all() else int(means.idxmin())
+    levels = [c for c in headline.columns if c.startswith("axis.")]
+    if not levels:
+        return set() if means.isna().all() else {int(means.idxmin())}
+    values = headline[levels].reset_index(drop=True)
+    best = set()
+    for level in itertools.product(*(values[c].dropna().unique() for c in levels)):
+        # The arms at this level, those an axis cannot act on (<NA> there: one arm for every value) included.
+        here = pd.concat([values[c].isna() | (values[c] == v) for c, v in zip(levels, level)], axis=1).all(axis=1)
+        if means[here].notna().any():
+            best.add(int(means[here].idxmin()))
+    return best
 
 
 def _reference(headline: pd.DataFrame) -> str:
+    """The reference in words: its arm name, or with [axes] (one reference arm per level) its variant at each level."""
     found = headline.variant[headline.reference.astype(bool)]
+    if len(found) > 1:  # arm names are variant@axis=value,...; '@' is not allowed in a variant name
+        return f"{str(found.iloc[0]).split('@')[0]}'s arm at the same axis level"
     return str(found.iloc[0]) if len(found) else "the reference"
 
 
@@ -108,7 +123,8 @@ def caption(headline: pd.DataFrame) -> str:
     """The table's caption in plain words (the LaTeX one escapes it)."""
     return (f"Test perplexity over the confirmation seeds: mean ± sd and its 95% interval; diff: mean difference to "
             f"{_reference(headline)} (negative is better) with its 95% interval and Holm-adjusted p over all the "
-            "report's comparisons († supported: Holm p < 0.05). Bold: the lowest mean.")
+            "report's comparisons († supported: Holm p < 0.05). Bold: the lowest mean"
+            + (" at each axis level." if any(c.startswith("axis.") for c in headline.columns) else "."))
 
 
 LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
@@ -125,11 +141,11 @@ def latex_table(headline: pd.DataFrame, label: str = "tab:headline") -> str:
     cells["variant"] = cells.variant.map(_latex_escape)
     cells.columns = ["variant", "seeds", r"test ppl (mean $\pm$ sd)", r"95\% CI", r"$\Delta$",
                      r"95\% CI of $\Delta$", "Holm $p$"]
-    best = _best_row(headline)
+    best = _best_rows(headline)
     # table*: both columns of a two-column paper (the same as table in a one-column one); \small to fit 7 columns
     styler = cells.style.hide(axis="index").set_table_styles([{"selector": "small", "props": ":;"}])
-    if best is not None:  # \boldmath too: the numbers are math, which \bfseries alone leaves regular
-        styler = styler.apply(lambda row: ["bfseries: ; boldmath: ;" if row.name == best else "" for _ in row],
+    if best:  # \boldmath too: the numbers are math, which \bfseries alone leaves regular
+        styler = styler.apply(lambda row: ["bfseries: ; boldmath: ;" if row.name in best else "" for _ in row],
                               axis=1)
     text = _latex_escape(caption(headline))
     for plain, latex in (("±", r"$\pm$"), ("<", "$<$"), ("†", r"$^\dagger$"), ("diff:", r"$\Delta$:")):
@@ -142,11 +158,11 @@ def markdown_table(headline: pd.DataFrame) -> str:
     """The headline as a GitHub Markdown table, best row in bold, with its caption below. Written here rather than
     by DataFrame.to_markdown, which needs the tabulate package for one table."""
     cells = headline_cells(headline, latex=False)
-    best = _best_row(headline)
+    best = _best_rows(headline)
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|---|" + "---:|" * (len(TABLE_COLUMNS) - 1)]
     for i, row in enumerate(cells.itertuples(index=False)):
         texts = [str(v).replace("|", r"\|") for v in row]
-        if i == best:
+        if i in best:
             texts = [f"**{t}**" if t else t for t in texts]
         lines.append("| " + " | ".join(texts) + " |")
     return "\n".join(lines) + f"\n\n{caption(headline)}\n"

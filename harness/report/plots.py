@@ -14,7 +14,7 @@ from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 
 from harness import stats
 from harness.study.rules import CONFIRM, RunState
-from harness.report.summary import StudyResult, searchable_params
+from harness.report.summary import StudyResult, level_key, searchable_params
 
 GREY, GAP = "#5c6a78", "#e4572e"
 
@@ -59,7 +59,10 @@ def plot_test_ppl(result: StudyResult, colors: dict) -> Figure | None:
 
 def plot_isolation(result: StudyResult, colors: dict) -> Figure | None:
     trials = result.log.trials[result.log.trials.value.notna()]
-    rows = sorted((r for r in result.rows if r.search_best_val_ppl is not None), key=lambda r: r.search_best_val_ppl)
+    study = result.log.study
+    # Best first; with axes within each level, as the headline orders them (levels are not ranked against each other).
+    rows = sorted((r for r in result.rows if r.search_best_val_ppl is not None),
+                  key=lambda r: (level_key(study, r.name), r.search_best_val_ppl))
     if not rows:
         return None
     fig, axes = _figure(8, 0.45 * len(rows) + 1.4)
@@ -71,7 +74,7 @@ def plot_isolation(result: StudyResult, colors: dict) -> Figure | None:
         ax.scatter([r.search_best_val_ppl], [i], color=colors[r.name], s=110, edgecolor="black", zorder=3,
                    label="best trial" if i == 0 else None)
     ax.set_yticks(range(len(rows)), [_label(r.name) for r in rows])
-    ax.set_ylim(len(rows) - 0.5, -0.5)  # best on top
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # best on top (of its level)
     ax.set(xlabel="validation perplexity after the search (each variant tuned on its own)", ylabel="")
     fig.legend(loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig

@@ -1,9 +1,12 @@
 """The report's numbers, a pure function of a StudyLog: one headline row per arm with its search judged
 (harness.study.adequacy), every comparison (arm minus baseline in mean test perplexity over the confirmation seeds;
 baselines awd, else the best, and no_dropout for each technique's own effect; one Holm family; supported by
-stats.is_supported alone), the answer key of [expect], what is missing, and the conclusions in words.
+stats.is_supported alone), the answer key of [expect], what is missing, and the conclusions in words. In a study
+with [axes] every comparison is within one axis level (an arm against the baseline's arm at its level) and the
+family is harness.report.crossing's, with the interaction contrasts.
 """
 
+import itertools
 import shlex
 from dataclasses import dataclass, field
 
@@ -14,6 +17,7 @@ from harness.config import SITES
 from harness.study.adequacy import Flag, judge_trials
 from harness.study.ledger.studies import SearchTrial
 from harness.study.rules import CONFIRM, SEARCH, RunState, Tally, measured, search_space, trials_for
+from harness.report import crossing
 from harness.report.answer_keys import KeyResult, check_key
 from harness.report.logs import StudyLog
 
@@ -76,19 +80,31 @@ class VariantResult:
 
 @dataclass(frozen=True)
 class StudyResult:
-    """The report's content: headline rows best first, every comparison, the reference and what is missing."""
+    """The report's content: headline rows best first (with axes: level by level, best first within each), every
+    comparison, the reference and what is missing."""
 
     log: StudyLog
     rows: list  # VariantResult, best mean test perplexity first
-    comparisons: list  # stats.Comparison of each pair, named, adjusted together (Holm)
-    reference: str
+    comparisons: list  # stats.Comparison of each pair of arms, named, adjusted together (Holm)
+    reference: str  # the reference variant; with axes its arm at each level is that level's reference
     reference_note: str
     missing: list  # sentences; empty when the study is complete
     answer_key: KeyResult | None = None  # published against measured, when the study file has [expect]
+    crossed: crossing.CrossedResult | None = None  # with [axes]: the per-level effects and interaction contrasts
+
+    def variant_of(self, arm: str) -> str:
+        """The variant an arm runs ("awd" of "awd@cell=gru"; the arm itself without axes)."""
+        found = self.log.study.variants.get(arm)
+        return found.variant if found else arm
+
+    def is_reference(self, arm: str) -> bool:
+        """Whether the arm is the reference (with axes: the reference variant's arm at its level)."""
+        return self.variant_of(arm) == self.reference
 
     def against(self, baseline: str) -> dict:
-        """variant -> stats.Comparison of the comparisons against one baseline."""
-        return {c.variant: c for c in self.comparisons if c.baseline == baseline}
+        """arm -> stats.Comparison of the comparisons against one baseline variant (with axes: its arm at the
+        compared arm's level)."""
+        return {c.variant: c for c in self.comparisons if self.variant_of(c.baseline) == baseline}
 
 
 def searchable_params(rows) -> list:
@@ -133,21 +149,35 @@ def _search_trials(log: StudyLog, variant: str) -> list:
             for t in mine.itertuples()]
 
 
-def _reference(results: dict) -> tuple[str, str]:
-    if REFERENCE in results:
+def _reference(study, results: dict) -> tuple[str, str]:
+    """(reference variant, why it was chosen: "" for awd). Without awd, the best variant: with axes by the mean over
+    its arms, every arm of it measured (an arm is one level; the comparisons stay within levels)."""
+    arms = {}  # variant -> its arms' results
+    for r in results.values():
+        arms.setdefault(study.variants[r.name].variant, []).append(r)
+    if REFERENCE in arms:
         return REFERENCE, ""
-    confirmed = [r for r in results.values() if r.test_ppl]
-    searched = [r for r in results.values() if r.search_best_val_ppl is not None]
+    confirmed = {v: np.mean([r.mean for r in mine]) for v, mine in arms.items() if all(r.test_ppl for r in mine)}
+    searched = {v: np.mean([r.search_best_val_ppl for r in mine]) for v, mine in arms.items()
+                if all(r.search_best_val_ppl is not None for r in mine)}
+    over = ", the mean over its arms" if study.axes else ""
     if confirmed:
-        best = min(confirmed, key=lambda r: r.mean).name
-        why = "lowest mean test perplexity"
+        best, why = min(confirmed, key=confirmed.get), f"lowest mean test perplexity{over}"
     elif searched:
-        best = min(searched, key=lambda r: r.search_best_val_ppl).name
-        why = "lowest validation perplexity of the search; no confirmation has finished"
+        best = min(searched, key=searched.get)
+        why = f"lowest validation perplexity of the search{over}; no confirmation has finished"
     else:
-        best, why = next(iter(results)), "first in the study file; nothing has finished yet"
-    return best, (f"{REFERENCE} is not in this study, so differences are to the best variant, {best} ({why}). It was "
-                  "picked after seeing the results, which makes its comparisons optimistic.")
+        best, why = next(iter(arms)), "first in the study file; nothing has finished yet"
+    at = " (its arm at each axis level)" if study.axes else ""
+    return best, (f"{REFERENCE} is not in this study, so differences are to the best variant, {best}{at} ({why}). It "
+                  "was picked after seeing the results, which makes its comparisons optimistic.")
+
+
+def level_key(study, arm: str) -> tuple:
+    """Where an arm's axis level sorts: each axis's value position in [axes] (after the last for an axis that cannot
+    act on the arm); () without axes."""
+    mine = dict(study.variants[arm].axes)
+    return tuple(values.index(mine[key]) if key in mine else len(values) for key, values in study.axes.items())
 
 
 def contrast_pairs(variants: list, reference: str) -> list:
@@ -200,18 +230,24 @@ def missing_parts(log: StudyLog) -> list:
 
 def summarize(log: StudyLog) -> StudyResult:
     """Headline rows, every comparison (Holm-adjusted as one family) and the list of what is missing."""
-    results = {v: _variant_result(log, v) for v in log.study.variants}
-    reference, note = _reference(results)
-    pairs = contrast_pairs(list(results), reference)
-    comparisons = stats.adjust([stats.compare(results[v].test_ppl, results[b].test_ppl, names=(v, b))
-                                for v, b in pairs])
-    order = sorted(results.values(), key=lambda r: (r.mean is None, r.mean or 0.0,
+    study = log.study
+    results = {v: _variant_result(log, v) for v in study.variants}
+    reference, note = _reference(study, results)
+    # With axes, the comparisons are the crossed family's per-level effects (one family with the interactions).
+    crossed = crossing.cross(study, {name: r.test_ppl for name, r in results.items()}, reference)
+    if crossed is None:
+        pairs = contrast_pairs(list(results), reference)
+        comparisons = stats.adjust([stats.compare(results[v].test_ppl, results[b].test_ppl, names=(v, b))
+                                    for v, b in pairs])
+    else:
+        comparisons = [e.comparison for e in crossed.effects]
+    order = sorted(results.values(), key=lambda r: (level_key(study, r.name), r.mean is None, r.mean or 0.0,
                                                    r.search_best_val_ppl is None, r.search_best_val_ppl or 0.0))
     key = None
-    if log.study.expect is not None:
-        key = check_key(log.study.expect, {"test_ppl": {r.name: r.test_ppl for r in order},
-                                           "val_ppl": {r.name: r.val_ppl for r in order}})
-    return StudyResult(log, order, comparisons, reference, note, missing_parts(log), key)
+    if study.expect is not None:
+        key = check_key(study.expect, {"test_ppl": {r.name: r.test_ppl for r in order},
+                                       "val_ppl": {r.name: r.val_ppl for r in order}})
+    return StudyResult(log, order, comparisons, reference, note, missing_parts(log), key, crossed)
 
 
 def _ppl(value: float) -> str:
@@ -242,20 +278,47 @@ def _search_conclusions(result: StudyResult) -> list:
         f"{flag_text(r.name, f)} [{f.fix}]" for r in flagged for f in r.flags) + "."]
 
 
+def _orderings(result: StudyResult, confirmed: list) -> list:
+    """"Ordered by mean test perplexity ..." over every arm; with axes one sentence per axis level, naming the
+    variants of the arms at that level (arms of different levels are not compared)."""
+    seeds = "/".join(map(str, sorted({len(r.test_ppl) for r in confirmed})))
+    lead = f"ordered by mean test perplexity (lower is better; {seeds} confirmation seeds): "
+    if result.crossed is None:
+        return [lead[0].upper() + lead[1:] + " < ".join(f"{r.name} {_ppl(r.mean)}" for r in confirmed) + "."]
+    study, rows, out = result.log.study, {r.name: r for r in confirmed}, []
+    variants = list(dict.fromkeys(arm.variant for arm in study.variants.values()))
+    for combination in itertools.product(*study.axes.values()):
+        level = dict(zip(study.axes, combination))
+        arms = [rows[a] for a in dict.fromkeys(crossing.arm_at(study, v, level) for v in variants) if a in rows]
+        if arms:
+            arms.sort(key=lambda r: r.mean)
+            out.append(f"At {crossing.level_text(study, tuple(level.items()))}, {lead}"
+                       + " < ".join(f"{result.variant_of(r.name)} {_ppl(r.mean)}" for r in arms) + ".")
+    return out
+
+
+def _said_by_crossed(result: StudyResult) -> set:
+    """(arm, baseline arm) of the effects the crossed section's sentences state (both orientations): with axes the
+    conclusions leave them to it."""
+    if result.crossed is None:
+        return set()
+    pairs = [p for i in result.crossed.interactions for p in (i.first, i.second)]
+    return {(p.arm, p.baseline) for p in pairs} | {(p.baseline, p.arm) for p in pairs}
+
+
 def conclusions(result: StudyResult) -> list:
-    """The report's findings in sentences: the ordering, each supported difference, and what is not supported
-    with the seeds a decision would take; every verdict touching an arm whose search is flagged says so."""
+    """The report's findings in sentences: the ordering (with axes, per level), each supported difference, and what
+    is not supported with the seeds a decision would take; every verdict touching an arm whose search is flagged
+    says so. With axes the per-level effects the crossed section states (harness.report.crossed) are not repeated."""
     confirmed = [r for r in result.rows if r.test_ppl]
     key = [f"Answer key ({result.answer_key.expect.source}): {result.answer_key.verdict}"] if result.answer_key else []
     if not confirmed:
         return (["No confirmation run has finished yet, so there is nothing to conclude."]
                 + _search_conclusions(result) + key)
-    seeds = sorted({len(r.test_ppl) for r in confirmed})
-    out = ["Ordered by mean test perplexity (lower is better; " + "/".join(map(str, seeds))
-           + " confirmation seeds): " + " < ".join(f"{r.name} {_ppl(r.mean)}" for r in confirmed) + "."]
-    supported, open_questions = [], []
+    out = _orderings(result, confirmed)
+    supported, open_questions, said = [], [], _said_by_crossed(result)
     for comp in result.comparisons:
-        if comp.diff is None:
+        if comp.diff is None or (comp.variant, comp.baseline) in said:
             continue
         # Said as "better beats worse by a positive amount": flip the interval of variant - baseline when needed.
         better, worse = (comp.variant, comp.baseline) if comp.diff < 0 else (comp.baseline, comp.variant)
@@ -279,6 +342,9 @@ def conclusions(result: StudyResult) -> list:
         out += supported
     elif len(result.rows) == 1:
         out.append(f"The study has one arm, {result.rows[0].name}, so there is nothing to compare it with.")
+    elif said:
+        out.append(f"Beyond the effects stated above, no difference against {result.reference}'s arm at the same "
+                   "level is supported after Holm's correction.")
     else:
         out.append("No difference is supported after Holm's correction.")
     late = []

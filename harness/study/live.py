@@ -66,14 +66,15 @@ class LiveView:
         """Trials done, pruned, failed, interrupted and running per variant, best so far, time left."""
         self.last_summary = time.monotonic()
         seeds = len(self.study.budget.confirm_seeds)
+        width = max([18, *map(len, self.ledger.variants)])  # arm names with axes run longer than variants'
         lines = [f"{self.clock()} {self.study.name}: {len(self.running)} running here",
-                 f"  {'variant':<18} {'search: done / pruned / failed / interrupted / running of N':<58} "
+                 f"  {'variant':<{width}} {'search: done / pruned / failed / interrupted / running of N':<58} "
                  f"{'best val ppl':>12}   confirm"]
         for v in self.ledger.variants:
             s, c = self.ledger.tally(v, SEARCH), self.ledger.tally(v, CONFIRM)
             best = self.ledger.best(v)
             lines.append(
-                f"  {v:<18} {s.finished:>4} / {s.pruned:>6} / {s.failed + s.retried:>6} / {s.interrupted:>11} / "
+                f"  {v:<{width}} {s.finished:>4} / {s.pruned:>6} / {s.failed + s.retried:>6} / {s.interrupted:>11} / "
                 f"{s.running:>7} of {trials_for(self.study, v):<5} {f'{best[1]:.2f}' if best else 'none yet':>12}   "
                 f"{c.finished}/{seeds}" + (f" ({c.running} running)" if c.running else ""))
         left = self.ledger.remaining()

@@ -483,15 +483,17 @@ class PlanResult:
 
     def format(self) -> str:
         """The table (variants x phases: runs, epochs, minutes per run, device-hours), totals and assumptions."""
+        width = max([18, *(len(r.variant) for r in self.rows)])  # arm names with axes run longer than variants'
         lines = [f"{self.study}: {sum(r.runs for r in self.rows)} runs on {self.slots}",
-                 f"  {'variant':<18} {'phase':<13} {'runs':>4} {'epochs':>6} {'s/epoch':>8} {'min/run':>8} "
+                 f"  {'variant':<{width}} {'phase':<13} {'runs':>4} {'epochs':>6} {'s/epoch':>8} {'min/run':>8} "
                  f"{'device-h':>9}"]
         for r in self.rows:
-            lines.append(f"  {r.variant:<18} {'search' if r.phase == SEARCH else 'confirmation':<13} {r.runs:>4} "
+            lines.append(f"  {r.variant:<{width}} {'search' if r.phase == SEARCH else 'confirmation':<13} {r.runs:>4} "
                          f"{r.epochs:>6} {r.epoch_seconds:>8.1f} {r.run_seconds / 60:>8.1f} "
                          f"{r.runs * r.run_seconds / 3600:>9.2f}")
         lines += [
-            f"  {'total':<32} {sum(r.runs for r in self.rows):>4} {'':>24} {self.device_seconds / 3600:>9.2f}",
+            f"  {'total':<{width + 14}} {sum(r.runs for r in self.rows):>4} {'':>24} "
+            f"{self.device_seconds / 3600:>9.2f}",
             f"wall time: {format_duration(self.wall_seconds)} on {self.n_slots} slot{'s' * (self.n_slots > 1)}, "
             f"{self.device_seconds / 3600:.2f} device-hours (list-scheduled as the ablation runs them: search trials "
             "first, a variant's confirmation once its search has settled)",
