@@ -24,7 +24,7 @@ from harness.study.stores import DEFAULT_STORAGE, DEFAULT_TRACKING_URI
 
 # Each frame's columns and dtypes, in order ("string", "Int64" and "boolean" are pandas' nullable dtypes: <NA>
 # where nothing was measured). `runs` adds one `axis.KEY` column per [axes] key and one float column per searched
-# parameter ("dropout.weight", "train.lr"); `headline` one `axis.KEY` column per [axes] key (after reference_arm; <NA>
+# parameter ("dropout.weight", "train.lr"); `headline` one `axis.KEY` column per [axes] key (after `reference`; <NA>
 # for an arm that axis cannot act on) and one `best.PARAM` column per searched parameter.
 RUNS = {
     "run_id": "string", "name": "string", "arm": "string",  # arm: variant@axis=value,... (the variant without axes)
@@ -49,13 +49,12 @@ COMPARISON = {  # one comparison's columns; `headline` holds them against the re
 COMPARISONS = {"variant": "string", "baseline": "string", "n_variant": "int64", "n_baseline": "int64",
                "paired": "bool", **COMPARISON, "search_limited": "string"}  # search_limited: flags of either arm
 HEADLINE = {
-    "variant": "string", "description": "string", "reference": "bool",
-    "reference_arm": "string",  # what the *_to_reference columns compare with (with axes: the reference at its level)
-    "search_best_val_ppl": "float64",
+    "variant": "string", "description": "string", "reference": "bool", "search_best_val_ppl": "float64",
     "confirm_seeds": "int64", "seeds": "string", "test_ppl_mean": "float64", "test_ppl_sd": "float64",
     "test_ppl_ci_low": "float64", "test_ppl_ci_high": "float64", "test_ppl_ci_method": "string",
     "best_epoch_median": "float64", "best_epoch_max": "Int64", "epochs": "Int64", "converged": "boolean",
     **{f"{k}_to_reference": v for k, v in COMPARISON.items()},
+    "reference_arm": "string",  # what the *_to_reference columns compare with (with axes: the reference at its level)
     "search_flags": "string", "search_fixes": "string",  # harness.study.adequacy's flags, "; "-joined ("" if none)
     # trials_*: the search's tally; <NA> while the arm has no Optuna search study
     "trials_run": "Int64", "trials_finished": "Int64", "trials_pruned": "Int64", "trials_failed": "Int64",
@@ -89,7 +88,7 @@ class StudyResults:
     runs: pd.DataFrame  # RUNS: one row per MLflow run (search trial attempt or confirmation seed)
     curves: pd.DataFrame  # CURVES: one row per run and epoch
     trials: pd.DataFrame  # TRIALS: one row per finished or pruned Optuna search trial
-    headline: pd.DataFrame  # HEADLINE: the report's table (results.csv), one row per arm, best first
+    headline: pd.DataFrame  # HEADLINE: the report's table (results.csv), one row per arm, best first (by level)
     comparisons: pd.DataFrame  # COMPARISONS: every contrast of the report (comparisons.csv), one Holm family
     search_flags: pd.DataFrame  # FLAGS: why an arm's search may not have found its best, with the fix
     answer_key: pd.DataFrame  # ANSWER_KEY: published against measured per arm and metric (empty without [expect])
@@ -138,7 +137,9 @@ def from_log(log: StudyLog) -> StudyResults:
                         headline_frame(result), comparisons_frame(result), flags_frame(result),
                         *answer_frames(result.answer_key),
                         pd.DataFrame() if crossed is None else crossed_frame(crossed),
-                        crossed_conclusions(crossed) + conclusions(result), result.missing)
+                        # With axes the reference note leads: the crossed section's effects are against it too.
+                        ([result.reference_note] if crossed is not None and result.reference_note else [])
+                        + crossed_conclusions(crossed) + conclusions(result), result.missing)
 
 
 def runs_frame(log: StudyLog) -> pd.DataFrame:
@@ -194,8 +195,20 @@ def _comparison_columns(c: stats.Comparison | None, suffix: str = "") -> dict:
     }
 
 
+def _to_reference(result: StudyResult, arm: str, compared: list) -> dict:
+    """The headline's *_to_reference columns and reference_arm: the arm's one comparison with the reference, or none
+    where it has one per axis level (an arm an axis cannot act on, against a reference that axis acts on)."""
+    if len(compared) == 1:
+        return {**_comparison_columns(compared[0], "_to_reference"), "reference_arm": compared[0].baseline}
+    columns = {**_comparison_columns(None, "_to_reference"), "reference_arm": arm if result.is_reference(arm) else None}
+    if compared:
+        columns["note_to_reference"] = (f"one comparison per level, against {', '.join(c.baseline for c in compared)}: "
+                                        "see the crossed section (crossed.csv)")
+    return columns
+
+
 def headline_frame(result: StudyResult) -> pd.DataFrame:
-    """HEADLINE (results.csv): one row per arm, best first."""
+    """HEADLINE (results.csv): one row per arm, best first; with axes level by level, best first within each."""
     searched = searchable_params(result.rows)
     to_reference = result.against(result.reference)
     rows = []
@@ -203,15 +216,13 @@ def headline_frame(result: StudyResult) -> pd.DataFrame:
         ci = r.ci
         rows.append({
             "variant": r.name, "description": r.description, "reference": result.is_reference(r.name),
-            "reference_arm": (to_reference[r.name].baseline if r.name in to_reference
-                              else r.name if result.is_reference(r.name) else None),
             "search_best_val_ppl": r.search_best_val_ppl, "confirm_seeds": len(r.test_ppl),
             "seeds": ";".join(map(str, sorted(r.test_ppl))), "test_ppl_mean": r.mean, "test_ppl_sd": r.sd,
             "test_ppl_ci_low": ci.low if ci else None, "test_ppl_ci_high": ci.high if ci else None,
             "test_ppl_ci_method": ci.method if ci else None,
             "best_epoch_median": float(np.median(r.best_epochs)) if r.best_epochs else None,
             "best_epoch_max": max(r.best_epochs) if r.best_epochs else None, "epochs": r.epochs,
-            "converged": r.converged, **_comparison_columns(to_reference.get(r.name), "_to_reference"),
+            "converged": r.converged, **_to_reference(result, r.name, to_reference.get(r.name, [])),
             "search_flags": "; ".join(f.text for f in r.flags), "search_fixes": "; ".join(f.fix for f in r.flags),
             "trials_run": r.trials_run if r.trials else None,
             **{f"trials_{k}": getattr(r.trials, k) if r.trials else None
@@ -222,7 +233,7 @@ def headline_frame(result: StudyResult) -> pd.DataFrame:
     study = result.log.study
     for i, key in enumerate(study.axes):  # each arm's level, so a reader can group the rows by it
         levels = [dict(study.variants[r.name].axes).get(key) for r in result.rows]
-        frame.insert(list(frame.columns).index("reference_arm") + 1 + i, f"axis.{key}",
+        frame.insert(list(frame.columns).index("reference") + 1 + i, f"axis.{key}",
                      pd.Series(levels, dtype="object"))
     at = list(frame.columns).index("search_flags")
     for i, param in enumerate(searched):  # best.PARAM columns, before the flags

@@ -311,19 +311,48 @@ def test_with_axes_the_crossed_answer_leads_and_no_sentence_compares_across_leve
     assert str(escape("Δ is the arm's mean minus the mean of awd's arm at the same axis level")) in page
 
 
-def test_with_axes_and_no_awd_the_reference_is_one_variant_compared_at_each_level(tmp_path):
-    study, test_ppl, log = crossed_log(tmp_path, variants=("no_dropout", "weight_only", "embedding_only"))
+@pytest.mark.parametrize("variants, reference, why", [
+    (("no_dropout", "weight_only", "embedding_only"), "no_dropout", ""),
+    (("weight_only", "embedding_only"), "weight_only",
+     " (the first variant of the study file; neither awd nor no_dropout is in it)")])
+def test_with_axes_and_no_awd_the_reference_is_chosen_before_the_results_and_compared_at_each_level(
+        tmp_path, variants, reference, why):
+    # embedding_only is the best variant at every level: a reference picked from the results would be it.
+    study, test_ppl, log = crossed_log(tmp_path, variants=variants)
     found = results.from_log(log)
-    means = {v: np.mean([np.mean(list(test_ppl[f"{v}@cell={c}"].values())) for c in CELL_BASE])
-             for v in ("no_dropout", "weight_only", "embedding_only")}
-    assert found.reference == min(means, key=means.get) == "weight_only"
-    assert found.summary.reference_note.startswith("awd is not in this study, so differences are to the best "
-                                                   "variant, weight_only (its arm at each axis level) (lowest mean "
-                                                   "test perplexity, the mean over its arms).")
+    note = f"awd is not in this study, so each arm is compared with {reference}'s arm at its level{why}."
+    assert found.reference == reference and found.summary.reference_note == note
+    assert found.conclusions[0] == note  # the crossed sentences that follow are against it too
     headline = found.headline.set_index("variant")
-    assert headline.loc["no_dropout@cell=gru", "reference_arm"] == "weight_only@cell=gru"
-    assert list(headline.index[headline.reference]) == ["weight_only@cell=lstm", "weight_only@cell=gru"]
+    assert list(headline.index[headline.reference]) == [f"{reference}@cell=lstm", f"{reference}@cell=gru"]
+    assert headline.loc["embedding_only@cell=gru", "reference_arm"] == f"{reference}@cell=gru"
+    diff, _, p = paired(test_ppl["embedding_only@cell=gru"], test_ppl[f"{reference}@cell=gru"])
+    assert (headline.loc["embedding_only@cell=gru", "diff_to_reference"],
+            headline.loc["embedding_only@cell=gru", "p_to_reference"]) == pytest.approx((diff, p))
     assert all(cells_named(a) == cells_named(b) for a, b in zip(found.comparisons.variant, found.comparisons.baseline))
+    assert str(escape(note)) in render_html(found).split('id="conclusions"')[0]  # the crossed notes, above
+
+
+def test_with_a_rate_axis_an_arm_it_cannot_act_on_is_compared_with_the_reference_at_every_level(tmp_path):
+    study = study_with(tmp_path, axes='"dropout.weight" = [0.2, 0.5]\n', extra="[variants.awd]\n")
+    rng = np.random.default_rng(4)
+    test_ppl = {arm: {s: 500 + 10 * i + rng.normal(0, 3) for s in SEEDS} for i, arm in enumerate(study.variants)}
+    runs = [logged_run(arm, seed=s, test_ppl=v) for arm, by_seed in test_ppl.items() for s, v in by_seed.items()]
+    found = results.from_log(study_log(study, runs))
+    effects = found.crossed[found.crossed.kind == "effect"].set_index(["arm", "baseline_arm"])
+    for shared in ("no_dropout", "embedding_only"):  # weight drop is off in both: one arm for both levels
+        for rate in (0.2, 0.5):
+            row = effects.loc[(shared, f"awd@weight={rate}")]
+            diff, _, p = paired(test_ppl[shared], test_ppl[f"awd@weight={rate}"])
+            assert (row["diff"], row.p, row["dropout.weight"]) == pytest.approx((diff, p, rate))
+    headline = found.headline.set_index("variant")
+    # One Δ per level does not fit one cell: the row says where they are instead of showing one of them.
+    shared = headline.loc["embedding_only"]
+    assert pd.isna(shared.diff_to_reference) and pd.isna(shared.reference_arm)
+    assert shared.note_to_reference == ("one comparison per level, against awd@weight=0.2, awd@weight=0.5: see the "
+                                        "crossed section (crossed.csv)")
+    assert headline.loc["weight_only@weight=0.5", "reference_arm"] == "awd@weight=0.5"
+    assert shared.note_to_reference in render_html(found)
 
 
 def result_of(study, test_ppl) -> StudyResult:
@@ -346,6 +375,16 @@ def test_the_section_before_any_confirmation_says_so(tmp_path):
     assert section["image"] is None and {row["diff"] for row in section["effects"]} == {"—"}
     assert all("not measured yet at cell=" in s for s in section["conclusions"][::2])
     assert all(s.endswith("is not tested (no confirmation seeds on one side).") for s in section["conclusions"][1::2])
+
+
+def test_a_section_with_no_effect_to_measure_says_so_rather_than_that_nothing_finished(tmp_path):
+    path = tmp_path / "one.toml"
+    path.write_text(BASE.split("[variants.no_dropout]")[0]
+                    + '[variants.weight_only]\n[axes]\n"model.cell" = ["lstm", "gru"]\n')  # one variant: no baseline
+    study = load_study(path)
+    section = crossed_section(result_of(study, {arm: {s: 500.0 + s * s for s in SEEDS} for arm in study.variants}))
+    assert section["conclusions"] == [
+        "There is no effect to measure: no arm has another variant's arm at its level to be compared with."]
 
 
 @pytest.mark.slow

@@ -60,12 +60,15 @@ def test_with_two_axes_a_contrast_holds_the_other_axis_fixed(tmp_path):
 def test_a_baseline_the_axis_cannot_act_on_serves_every_level(tmp_path):
     study = crossed(tmp_path, '"dropout.weight" = [0.2, 0.5]\n')
     assert arm_at(study, "no_dropout", {"dropout.weight": 0.5}) == "no_dropout"
-    # no_dropout has no arm at awd's level (the rate acts on awd alone), so awd's own effect is measured per level
-    # against no_dropout rather than turned: it must not go missing.
-    assert [(p.arm, p.baseline) for p in crossed_pairs(study)] == [
-        ("weight_only@weight=0.2", "awd@weight=0.2"), ("weight_only@weight=0.5", "awd@weight=0.5"),
-        ("weight_only@weight=0.2", "no_dropout"), ("awd@weight=0.2", "no_dropout"),
-        ("weight_only@weight=0.5", "no_dropout"), ("awd@weight=0.5", "no_dropout")]
+    # no_dropout's one arm serves every level, so it is compared with awd's arm at each level (awd's own effect, read
+    # turned), and awd's effect against no_dropout is not measured a second time.
+    assert [(p.arm, p.baseline, p.level) for p in crossed_pairs(study)] == [
+        ("no_dropout", "awd@weight=0.2", (("dropout.weight", 0.2),)),
+        ("no_dropout", "awd@weight=0.5", (("dropout.weight", 0.5),)),
+        ("weight_only@weight=0.2", "awd@weight=0.2", (("dropout.weight", 0.2),)),
+        ("weight_only@weight=0.5", "awd@weight=0.5", (("dropout.weight", 0.5),)),
+        ("weight_only@weight=0.2", "no_dropout", (("dropout.weight", 0.2),)),
+        ("weight_only@weight=0.5", "no_dropout", (("dropout.weight", 0.5),))]
     (contrast,) = [i for i in interactions(study) if i.variant == "weight_only"]
     assert contrast.levels == (0.2, 0.5) and contrast.first.baseline == contrast.second.baseline == "no_dropout"
 

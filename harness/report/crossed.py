@@ -188,6 +188,11 @@ def crossed_section(result: StudyResult) -> dict | None:
         notes.append(f"{crossed.reference}'s own effect against {crossing.NO_DROPOUT} is measured once, as the row "
                      f"{crossing.NO_DROPOUT} against {crossed.reference}: the sentences and the plot show it with "
                      "its sign turned.")
-    return {"conclusions": crossed_conclusions(crossed), "effects": effects, "interactions": contrasts,
+    if result.reference_note:
+        notes.insert(0, result.reference_note)
+    # An effect acts at two levels of some axis, so it always has a sentence: none means no effect at all.
+    said = crossed_conclusions(crossed) or [
+        "There is no effect to measure: no arm has another variant's arm at its level to be compared with."]
+    return {"conclusions": said, "effects": effects, "interactions": contrasts,
             "image": png_data_uri(fig) if fig is not None else None, "notes": notes,
             "axes": [axis_label(study, k) for k in study.axes], "x_axis": axis_label(study, next(iter(study.axes)))}

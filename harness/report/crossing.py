@@ -40,11 +40,6 @@ class Interaction:
     comparison: stats.Comparison | None = None  # effect at first level minus effect at second, once compared
 
 
-def level_of(study: StudyConfig, arm: str) -> dict:
-    """The arm's axis values, key -> value."""
-    return dict(study.variants[arm].axes)
-
-
 def arm_at(study: StudyConfig, variant: str, level: dict) -> str | None:
     """The arm of `variant` at this level: the one whose axis values agree with it on every axis it has (a variant an
     axis cannot act on has one arm for all that axis's values); None when the study has no such variant."""
@@ -54,13 +49,26 @@ def arm_at(study: StudyConfig, variant: str, level: dict) -> str | None:
     return None
 
 
+def arms_at(study: StudyConfig, variant: str, level: dict) -> list[str]:
+    """The arms of `variant` that agree with this level on every axis both set: one arm for a full level; for a level
+    without some axis (an arm that axis cannot act on) the variant's arm at each of that axis's values."""
+    return [name for name, arm in study.variants.items()
+            if arm.variant == variant and all(level.get(key, value) == value for key, value in arm.axes)]
+
+
 def effects_against(study: StudyConfig, baseline: str) -> list[Pair]:
-    """Each arm of every other variant against the baseline variant's arm at its level, in arm order."""
+    """Each arm of every other variant against the baseline variant's arm at its level, in arm order. An arm an axis
+    cannot act on is compared at each of that axis's levels where the baseline has an arm of its own (one effect per
+    level: the baseline's arm is what differs); the pair's level holds the axis values of both arms."""
     pairs = []
     for name, arm in study.variants.items():
-        other = arm_at(study, baseline, dict(arm.axes)) if arm.variant != baseline else None
-        if other is not None:
-            pairs.append(Pair(name, other, arm.variant, baseline, arm.axes))
+        if arm.variant == baseline:
+            continue
+        mine = dict(arm.axes)
+        for other in arms_at(study, baseline, mine):
+            level = {**mine, **dict(study.variants[other].axes)}
+            level = tuple((key, level[key]) for key in study.axes if key in level)  # in [axes] order
+            pairs.append(Pair(name, other, arm.variant, baseline, level))
     return pairs
 
 

@@ -100,10 +100,10 @@ def _headline_notes(result: StudyResult) -> list:
     else:
         family_size = len(result.crossed.family)
         tested = sum(c.p is not None for c in result.crossed.family)
-        order = ("Rows are grouped by axis level (an arm no axis acts on comes after them), and ordered by mean test "
-                 "perplexity, lowest first, within each level.")
+        order = ("Rows are grouped by axis level, in the order of [axes] (an arm an axis cannot act on comes after "
+                 "that axis's levels), and ordered by mean test perplexity, lowest first, within each level.")
         delta = (f"Δ is the arm's mean minus the mean of {result.reference}'s arm at the same axis level (the "
-                 "reference row of that level): arms of different levels are never compared here")
+                 "reference row of that level; arms of different levels are never compared)")
         family = (f"Every comparison in this report (against {baselines} at each level, and the crossed section's "
                   f"interaction contrasts: {family_size} in all, {tested} tested) is one family for Holm's "
                   "adjustment, ")
@@ -147,8 +147,9 @@ def _plots(result: StudyResult) -> list:
                    for r in result.rows]
     return [
         _section("Test perplexity over seeds", lambda: plots.plot_test_ppl(result, colors),
-                 "Each dot is one confirmation seed; variants ordered best (lowest) to worst; diamond and bar: the "
-                 "mean and its 95% interval.", "No confirmation run has finished yet."),
+                 "Each dot is one confirmation seed; variants ordered best (lowest) to worst"
+                 + (", level by level" if result.crossed is not None else "") + "; diamond and bar: the mean and its "
+                 "95% interval.", "No confirmation run has finished yet."),
         _section("Isolation: best validation perplexity per variant", lambda: plots.plot_isolation(result, colors),
                  "Each variant's rates were tuned on their own with the same budget; the large marker is the best "
                  "finished search trial (pruned trials are left out: they stopped early).",

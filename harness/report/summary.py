@@ -84,7 +84,7 @@ class StudyResult:
     comparison, the reference and what is missing."""
 
     log: StudyLog
-    rows: list  # VariantResult, best mean test perplexity first
+    rows: list  # VariantResult, best mean test perplexity first (with axes: level by level)
     comparisons: list  # stats.Comparison of each pair of arms, named, adjusted together (Holm)
     reference: str  # the reference variant; with axes its arm at each level is that level's reference
     reference_note: str
@@ -102,9 +102,13 @@ class StudyResult:
         return self.variant_of(arm) == self.reference
 
     def against(self, baseline: str) -> dict:
-        """arm -> stats.Comparison of the comparisons against one baseline variant (with axes: its arm at the
-        compared arm's level)."""
-        return {c.variant: c for c in self.comparisons if self.variant_of(c.baseline) == baseline}
+        """arm -> [stats.Comparison] of the comparisons against one baseline variant (with axes: its arm at the
+        compared arm's level; one per level for an arm an axis cannot act on where the baseline's arms differ)."""
+        found = {}
+        for c in self.comparisons:
+            if self.variant_of(c.baseline) == baseline:
+                found.setdefault(c.variant, []).append(c)
+        return found
 
 
 def searchable_params(rows) -> list:
@@ -150,27 +154,29 @@ def _search_trials(log: StudyLog, variant: str) -> list:
 
 
 def _reference(study, results: dict) -> tuple[str, str]:
-    """(reference variant, why it was chosen: "" for awd). Without awd, the best variant: with axes by the mean over
-    its arms, every arm of it measured (an arm is one level; the comparisons stay within levels)."""
-    arms = {}  # variant -> its arms' results
-    for r in results.values():
-        arms.setdefault(study.variants[r.name].variant, []).append(r)
-    if REFERENCE in arms:
+    """(reference variant, why it was chosen: "" for awd). Without awd: with [axes], no_dropout, else the first
+    variant of the study file, chosen before any result (a best variant would rank arms across levels); without
+    axes, the best variant, said to be picked after seeing the results."""
+    if REFERENCE in {arm.variant for arm in study.variants.values()}:
         return REFERENCE, ""
-    confirmed = {v: np.mean([r.mean for r in mine]) for v, mine in arms.items() if all(r.test_ppl for r in mine)}
-    searched = {v: np.mean([r.search_best_val_ppl for r in mine]) for v, mine in arms.items()
-                if all(r.search_best_val_ppl is not None for r in mine)}
-    over = ", the mean over its arms" if study.axes else ""
+    if study.axes:
+        first = next(iter(study.variants.values())).variant
+        chosen, why = (NO_DROPOUT, "") if any(a.variant == NO_DROPOUT for a in study.variants.values()) else (
+            first, " (the first variant of the study file; neither awd nor no_dropout is in it)")
+        return chosen, (f"{REFERENCE} is not in this study, so each arm is compared with {chosen}'s arm at its "
+                        f"level{why}.")
+    confirmed = [r for r in results.values() if r.test_ppl]
+    searched = [r for r in results.values() if r.search_best_val_ppl is not None]
     if confirmed:
-        best, why = min(confirmed, key=confirmed.get), f"lowest mean test perplexity{over}"
+        best = min(confirmed, key=lambda r: r.mean).name
+        why = "lowest mean test perplexity"
     elif searched:
-        best = min(searched, key=searched.get)
-        why = f"lowest validation perplexity of the search{over}; no confirmation has finished"
+        best = min(searched, key=lambda r: r.search_best_val_ppl).name
+        why = "lowest validation perplexity of the search; no confirmation has finished"
     else:
-        best, why = next(iter(arms)), "first in the study file; nothing has finished yet"
-    at = " (its arm at each axis level)" if study.axes else ""
-    return best, (f"{REFERENCE} is not in this study, so differences are to the best variant, {best}{at} ({why}). It "
-                  "was picked after seeing the results, which makes its comparisons optimistic.")
+        best, why = next(iter(results)), "first in the study file; nothing has finished yet"
+    return best, (f"{REFERENCE} is not in this study, so differences are to the best variant, {best} ({why}). It was "
+                  "picked after seeing the results, which makes its comparisons optimistic.")
 
 
 def level_key(study, arm: str) -> tuple:
@@ -343,8 +349,7 @@ def conclusions(result: StudyResult) -> list:
     elif len(result.rows) == 1:
         out.append(f"The study has one arm, {result.rows[0].name}, so there is nothing to compare it with.")
     elif said:
-        out.append(f"Beyond the effects stated above, no difference against {result.reference}'s arm at the same "
-                   "level is supported after Holm's correction.")
+        out.append("Beyond the effects stated above, no other difference is supported after Holm's correction.")
     else:
         out.append("No difference is supported after Holm's correction.")
     late = []
