@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from harness import stats
-from harness.report.crossing import arm_at, compare_interaction, crossed_pairs, interactions
+from harness.report.crossing import arms_at, compare_interaction, crossed_pairs, interactions
 from harness.study.spec import load_study
 
 pytestmark = pytest.mark.fast
@@ -59,7 +59,8 @@ def test_with_two_axes_a_contrast_holds_the_other_axis_fixed(tmp_path):
 
 def test_a_baseline_the_axis_cannot_act_on_serves_every_level(tmp_path):
     study = crossed(tmp_path, '"dropout.weight" = [0.2, 0.5]\n')
-    assert arm_at(study, "no_dropout", {"dropout.weight": 0.5}) == "no_dropout"
+    assert arms_at(study, "no_dropout", {"dropout.weight": 0.5}) == ["no_dropout"]
+    assert arms_at(study, "awd", {}) == ["awd@weight=0.2", "awd@weight=0.5"]
     # no_dropout's one arm serves every level, so it is compared with awd's arm at each level (awd's own effect, read
     # turned), and awd's effect against no_dropout is not measured a second time.
     assert [(p.arm, p.baseline, p.level) for p in crossed_pairs(study)] == [

@@ -40,15 +40,6 @@ class Interaction:
     comparison: stats.Comparison | None = None  # effect at first level minus effect at second, once compared
 
 
-def arm_at(study: StudyConfig, variant: str, level: dict) -> str | None:
-    """The arm of `variant` at this level: the one whose axis values agree with it on every axis it has (a variant an
-    axis cannot act on has one arm for all that axis's values); None when the study has no such variant."""
-    for name, arm in study.variants.items():
-        if arm.variant == variant and all(level.get(key) == value for key, value in arm.axes):
-            return name
-    return None
-
-
 def arms_at(study: StudyConfig, variant: str, level: dict) -> list[str]:
     """The arms of `variant` that agree with this level on every axis both set: one arm for a full level; for a level
     without some axis (an arm that axis cannot act on) the variant's arm at each of that axis's values."""

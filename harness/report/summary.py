@@ -295,7 +295,7 @@ def _orderings(result: StudyResult, confirmed: list) -> list:
     variants = list(dict.fromkeys(arm.variant for arm in study.variants.values()))
     for combination in itertools.product(*study.axes.values()):
         level = dict(zip(study.axes, combination))
-        arms = [rows[a] for a in dict.fromkeys(crossing.arm_at(study, v, level) for v in variants) if a in rows]
+        arms = [rows[a] for v in variants for a in crossing.arms_at(study, v, level) if a in rows]
         if arms:
             arms.sort(key=lambda r: r.mean)
             out.append(f"At {crossing.level_text(study, tuple(level.items()))}, {lead}"
