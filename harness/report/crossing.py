@@ -63,7 +63,8 @@ def effects_against(study: StudyConfig, baseline: str) -> list[Pair]:
     return pairs
 
 
-def _has(study: StudyConfig, variant: str) -> bool:
+def has_variant(study: StudyConfig, variant: str) -> bool:
+    """Whether any arm of the study runs this variant."""
     return any(arm.variant == variant for arm in study.variants.values())
 
 
@@ -72,8 +73,8 @@ def crossed_pairs(study: StudyConfig, reference: str = REFERENCE) -> list[Pair]:
     variant's arm at its level (when the study has that variant), then each arm against no_dropout's (each
     technique's own effect). The reference's own effect against no_dropout is measured once: where no_dropout's arm
     is already compared with that reference arm, it is read turned (CrossedResult.effect)."""
-    pairs = effects_against(study, reference) if _has(study, reference) else []
-    if _has(study, NO_DROPOUT) and reference != NO_DROPOUT:
+    pairs = effects_against(study, reference) if has_variant(study, reference) else []
+    if has_variant(study, NO_DROPOUT) and reference != NO_DROPOUT:
         measured = {(p.arm, p.baseline) for p in pairs}
         pairs += [p for p in effects_against(study, NO_DROPOUT) if (p.baseline, p.arm) not in measured]
     return pairs
@@ -83,7 +84,7 @@ def interactions(study: StudyConfig, reference: str = REFERENCE) -> list[Interac
     """For each variant's effect against no_dropout (against the reference when the study has no no_dropout), the
     reference's own included, and each axis: every two levels of that axis with the other axes equal. Effects
     against the second baseline are not crossed again: each contrast added to the Holm family costs power."""
-    baseline = NO_DROPOUT if _has(study, NO_DROPOUT) else reference
+    baseline = NO_DROPOUT if has_variant(study, NO_DROPOUT) else reference
     effects = effects_against(study, baseline)
     out = []
     for axis in study.axes:

@@ -18,11 +18,10 @@ from harness.study.adequacy import Flag, judge_trials
 from harness.study.ledger.studies import SearchTrial
 from harness.study.rules import CONFIRM, SEARCH, RunState, Tally, measured, search_space, trials_for
 from harness.report import crossing
+from harness.report.crossing import NO_DROPOUT, REFERENCE
 from harness.report.answer_keys import KeyResult, check_key
 from harness.report.logs import StudyLog
 
-REFERENCE = "awd"
-NO_DROPOUT = "no_dropout"
 CONVERGED_BY = 0.75  # a run whose best epoch lies in its last quarter may still have been improving
 SEARCHABLE = tuple(f"dropout.{site}" for site in SITES) + ("train.lr",)
 
@@ -157,11 +156,11 @@ def _reference(study, results: dict) -> tuple[str, str]:
     """(reference variant, why it was chosen: "" for awd). Without awd: with [axes], no_dropout, else the first
     variant of the study file, chosen before any result (a best variant would rank arms across levels); without
     axes, the best variant, said to be picked after seeing the results."""
-    if REFERENCE in {arm.variant for arm in study.variants.values()}:
+    if crossing.has_variant(study, REFERENCE):
         return REFERENCE, ""
     if study.axes:
         first = next(iter(study.variants.values())).variant
-        chosen, why = (NO_DROPOUT, "") if any(a.variant == NO_DROPOUT for a in study.variants.values()) else (
+        chosen, why = (NO_DROPOUT, "") if crossing.has_variant(study, NO_DROPOUT) else (
             first, " (the first variant of the study file; neither awd nor no_dropout is in it)")
         return chosen, (f"{REFERENCE} is not in this study, so each arm is compared with {chosen}'s arm at its "
                         f"level{why}.")
